@@ -1,0 +1,79 @@
+"""A small HTTP key-value store that keeps everything in memory.
+
+    GET  /kv/KEY          -> the value (404 if unset)
+    PUT  /kv/KEY  body    -> set it
+    POST /incr/KEY        -> add 1 to an integer counter, return the new value
+    GET  /stats           -> {"pid", "started", "requests", "keys"} as JSON
+    GET  /health          -> ok
+
+Its whole state lives in this process's memory: after a migration the keys,
+counters, request count and start time must all still be there.
+"""
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+store: dict[str, str] = {}
+lock = threading.Lock()
+stats = {"pid": os.getpid(), "started": time.time(), "requests": 0}
+# Optional ballast, for benchmarks: KV_BALLAST_MIB of incompressible memory.
+ballast = os.urandom(int(os.environ.get("KV_BALLAST_MIB", "0")) << 20)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *_args):
+        pass
+
+    def _reply(self, code, body, content_type="text/plain"):
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        with lock:
+            stats["requests"] += 1
+            if self.path == "/health":
+                return self._reply(200, "ok")
+            if self.path == "/stats":
+                return self._reply(200, json.dumps({**stats, "keys": len(store)}), "application/json")
+            if self.path.startswith("/kv/"):
+                key = self.path[4:]
+                if key in store:
+                    return self._reply(200, store[key])
+                return self._reply(404, "not found")
+        self._reply(404, "no such path")
+
+    def do_PUT(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        value = self.rfile.read(length).decode()
+        with lock:
+            stats["requests"] += 1
+            if not self.path.startswith("/kv/"):
+                return self._reply(404, "no such path")
+            store[self.path[4:]] = value
+        self._reply(200, "stored")
+
+    def do_POST(self):
+        with lock:
+            stats["requests"] += 1
+            if not self.path.startswith("/incr/"):
+                return self._reply(404, "no such path")
+            key = self.path[6:]
+            store[key] = str(int(store.get(key, "0")) + 1)
+            value = store[key]
+        self._reply(200, value)
+
+
+port = int(os.environ.get("KV_PORT", "8080"))
+server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+server.daemon_threads = True
+print(f"kv listening on port {port}, pid {os.getpid()}", flush=True)
+server.serve_forever()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine (no container registry) to build and run
+# criu-supervisor: Docker engine, a locally made debian:trixie-slim, our images.
+# Idempotent: every step checks first, so a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+MIRROR="${DEBIAN_MIRROR:-}"
+if [ -z "$MIRROR" ]; then
+    # Reuse the mirror this machine's apt already trusts (deb822 or one-line sources).
+    MIRROR=$(grep -hoE '^(URIs:|deb) +[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
+             /etc/apt/sources.list.d/*.list 2>/dev/null | grep -v security | grep -i debian \
+             | awk '{print $2}' | head -n1 || true)
+    MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+fi
+
+apt_updated=0
+need_pkg() {  # need_pkg COMMAND PACKAGE...
+    command -v "$1" >/dev/null 2>&1 && return 0
+    shift
+    if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+need_pkg dockerd docker.io
+need_pkg debootstrap debootstrap
+need_pkg docker-compose docker-compose
+
+if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd (log: /var/log/dockerd.log)"
+    nohup dockerd >/var/log/dockerd.log 2>&1 &
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { log "dockerd did not start; see /var/log/dockerd.log"; exit 1; }
+fi
+
+if ! docker image inspect debian:trixie-slim >/dev/null 2>&1; then
+    if ! docker pull -q debian:trixie-slim >/dev/null 2>&1; then
+        log "no registry: making debian:trixie-slim with debootstrap from $MIRROR"
+        rootfs=$(mktemp -d /tmp/trixie-rootfs.XXXXXX)
+        debootstrap --variant=minbase trixie "$rootfs" "$MIRROR" >/tmp/debootstrap.log 2>&1 \
+            || { log "debootstrap failed; see /tmp/debootstrap.log"; exit 1; }
+        rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb
+        tar -C "$rootfs" -c . | docker import - debian:trixie-slim >/dev/null
+        rm -rf "$rootfs"
+    fi
+fi
+
+log "building images"
+docker build -q -t criu-supervisor:latest -f images/base/Dockerfile . >/dev/null
+for dir in examples/*/; do
+    name=$(basename "$dir")
+    [ -f "$dir/Dockerfile" ] || continue
+    docker build -q -t "criu-supervisor-example-$name:latest" "$dir" >/dev/null
+done
+log "ready"

@@ -1,0 +1,3 @@
+from supervisor_pkg.entry import main
+
+main()

@@ -1,0 +1,181 @@
+"""The command line. click only: every error becomes one line and an exit code.
+
+Exit codes (the contract, also in the README):
+    N       the app exited with code N
+    128+N   the app was killed by signal N
+    0       a final checkpoint was published and the app stopped for migration
+    2       a configuration error (a bad CKPT_* value, no command)
+    3       CKPT_RESTORE=require and no checkpoint could be restored
+    4       the environment cannot work (pycriu missing, volume unusable at start)
+    126     the command exists but cannot be executed
+    127     the command was not found
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from supervisor_pkg import __version__
+from supervisor_pkg.config import SETTINGS, load
+from supervisor_pkg.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    ConfigError,
+    EnvironmentProblem,
+    RestoreRequired,
+    SupervisorError,
+)
+
+EXIT_CODES: dict[type[SupervisorError], int] = {
+    ConfigError: 2,
+    RestoreRequired: 3,
+    EnvironmentProblem: 4,
+    CommandNotExecutable: 126,
+    CommandNotFound: 127,
+}
+EXIT_OTHER_ERROR = 1
+
+log = logging.getLogger("criu-supervisor")
+
+
+def exit_code_for_error(error: SupervisorError) -> int:
+    for kind in type(error).__mro__:
+        if kind in EXIT_CODES:
+            return EXIT_CODES[kind]
+    return EXIT_OTHER_ERROR
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="criu-supervisor: %(levelname)s: %(message)s",
+        force=True,
+    )
+
+
+def _setting_options(function: Any) -> Any:
+    for setting in reversed(SETTINGS):
+        function = click.option(
+            setting.flag, setting.field, default=None, metavar="VALUE",
+            help=f"{setting.help} [env {setting.variable}; default {setting.default}]",
+        )(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="criu-supervisor")
+def main() -> None:
+    """PID-1 supervisor that checkpoints its app into a shared volume and restores it elsewhere."""
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@_setting_options
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(command: tuple[str, ...], **flags: str | None) -> None:
+    """Run COMMAND as the app: restore it from the newest checkpoint, or start it fresh."""
+    from supervisor_pkg.signals import SignalReceiver
+    from supervisor_pkg.supervisor import Supervisor
+
+    receiver = SignalReceiver.install_early()
+    setup_logging(os.environ.get("CKPT_LOG_LEVEL", "info") if os.environ.get("CKPT_LOG_LEVEL", "info").lower()
+                  in ("debug", "info", "warning", "error") else "info")
+    try:
+        config = load(os.environ, flags)
+        setup_logging(config.log_level)
+        if not command:
+            raise ConfigError("no command given: use `criu-supervisor run -- CMD [ARGS...]` or set the image's CMD")
+        code = Supervisor(config, list(command), receiver).run()
+    except SupervisorError as error:
+        log.error("%s", error.message)
+        code = exit_code_for_error(error)
+    sys.exit(code)
+
+
+def _open_store(flags: dict[str, str | None]) -> Any:
+    from supervisor_pkg.store import Store
+
+    config = load(os.environ, flags)
+    return Store(config.dir, config.name, keep=config.keep)
+
+
+def _echo(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--dir", "dir", default=None, help="CKPT_DIR")
+@click.option("--name", "name", default=None, help="CKPT_NAME")
+def list_command(as_json: bool, **flags: str | None) -> None:
+    """List the generations of this app's lineage."""
+    try:
+        store = _open_store(flags)
+        rows = []
+        for generation in store.generations():
+            row: dict[str, Any] = {"generation": generation.number, "name": generation.name}
+            try:
+                manifest = generation.read_json("manifest.json")
+                row.update(
+                    created=manifest.get("created"),
+                    size=sum(f.get("size", 0) for f in manifest.get("files", {}).values()),
+                    host=(manifest.get("source") or {}).get("host"),
+                    dump_seconds=(manifest.get("stats") or {}).get("dump_seconds"),
+                )
+            except (OSError, ValueError):
+                row["state"] = "corrupt"
+            row.setdefault("state", "rejected" if generation.rejected else "claimed" if generation.claimed else "complete")
+            rows.append(row)
+    except SupervisorError as error:
+        click.echo(f"criu-supervisor: {error.message}", err=True)
+        sys.exit(exit_code_for_error(error))
+    lines = [f"{r['name']}  {r['state']:9} {r.get('created') or '-':21} {r.get('size', 0):>12} B  "
+             f"{r.get('host') or '-'}" for r in rows]
+    _echo(rows, as_json, "\n".join(lines) or "no generations")
+
+
+@main.command()
+@click.argument("generation", required=False, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--dir", "dir", default=None, help="CKPT_DIR")
+@click.option("--name", "name", default=None, help="CKPT_NAME")
+def verify(generation: int | None, as_json: bool, **flags: str | None) -> None:
+    """Check the integrity of GENERATION (default: every published one)."""
+    from supervisor_pkg import criu
+    from supervisor_pkg.errors import VerificationFailed
+
+    store = _open_store(flags)
+    results = []
+    for candidate in store.generations():
+        if generation is not None and candidate.number != generation:
+            continue
+        try:
+            local = criu.version()
+        except SupervisorError:
+            local = None
+        try:
+            store.verify(candidate, local)
+            results.append({"generation": candidate.number, "ok": True})
+        except VerificationFailed as error:
+            results.append({"generation": candidate.number, "ok": False, "reason": error.message})
+    _echo(results, as_json, "\n".join(
+        f"gen-{r['generation']:08d}: " + ("OK" if r["ok"] else f"FAIL {r['reason']}") for r in results
+    ) or "no generations")
+    sys.exit(0 if results and all(r["ok"] for r in results) else 1)
+
+
+@main.command()
+@click.option("--keep", type=click.IntRange(min=1), required=True, help="Complete generations to keep.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--dir", "dir", default=None, help="CKPT_DIR")
+@click.option("--name", "name", default=None, help="CKPT_NAME")
+def prune(keep: int, as_json: bool, **flags: str | None) -> None:
+    """Delete all but the newest KEEP complete generations."""
+    removed = _open_store(flags).prune(keep=keep)
+    _echo({"removed": removed}, as_json, "\n".join(f"removed {name}" for name in removed) or "nothing to remove")

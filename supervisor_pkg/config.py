@@ -1,0 +1,155 @@
+"""Every setting: its environment variable, its flag twin, default and parser.
+
+Settings come from the environment (Dockerfile ENV, compose `environment:`,
+Kubernetes `env:`); a `run` flag of the same name overrides. The flag is the
+variable without `CKPT_`, lower-cased, `_` -> `-` (CKPT_LOG_LEVEL -> --log-level).
+Parsing is strict: a bad value raises ConfigError naming the variable and the
+accepted values, which `cli` turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from supervisor_pkg.errors import ConfigError
+
+# Signals that make sense as the checkpoint signal: catchable, and not the
+# ones the supervisor needs for itself (SIGCHLD for reaping).
+_CHECKPOINT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPWR")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _choice(*accepted: str) -> Callable[[str, str], str]:
+    def parse(variable: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in accepted:
+            raise ConfigError(f"{variable}={raw!r} is not valid: accepted values are {', '.join(accepted)}")
+        return value
+
+    return parse
+
+
+def _signal(variable: str, raw: str) -> signal.Signals:
+    name = raw.strip().upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name not in _CHECKPOINT_SIGNALS:
+        raise ConfigError(
+            f"{variable}={raw!r} is not valid: accepted values are {', '.join(_CHECKPOINT_SIGNALS)}"
+        )
+    return signal.Signals[name]
+
+
+def _path(variable: str, raw: str) -> str:
+    if not raw.startswith("/"):
+        raise ConfigError(f"{variable}={raw!r} is not valid: it must be an absolute path")
+    return raw.rstrip("/") or "/"
+
+
+def _lineage_name(variable: str, raw: str) -> str:
+    if not _NAME_PATTERN.match(raw):
+        raise ConfigError(
+            f"{variable}={raw!r} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return raw
+
+
+def _positive_int(variable: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{variable}={raw!r} is not valid: expected a whole number >= 1")
+    return value
+
+
+def _seconds(variable: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{variable}={raw!r} is not valid: expected a number of seconds >= 0")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    variable: str
+    default: str
+    parse: Callable[[str, str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.variable.removeprefix("CKPT_").lower().replace("_", "-")
+
+    @property
+    def field(self) -> str:
+        return self.variable.removeprefix("CKPT_").lower()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("CKPT_DIR", "/checkpoints", _path, "Mount point of the shared checkpoint volume."),
+    Setting("CKPT_NAME", "default", _lineage_name,
+            "Names this app's lineage of checkpoints, so several apps can share one volume."),
+    Setting("CKPT_RESTORE", "auto", _choice("auto", "never", "require"),
+            "auto: restore the newest valid checkpoint, else start fresh; never: always start "
+            "fresh; require: exit 3 if nothing can be restored."),
+    Setting("CKPT_SIGNAL", "SIGTERM", _signal, "The signal that means: checkpoint, then exit."),
+    Setting("CKPT_TCP", "close", _choice("close", "established"),
+            "close: established TCP connections are dropped on restore (listening sockets are "
+            "kept); established: CRIU carries them (needs the peer to survive too)."),
+    Setting("CKPT_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
+            "Verbosity of the supervisor's own log lines."),
+    Setting("CKPT_KEEP", "2", _positive_int, "How many complete generations to keep."),
+    Setting("CKPT_CRIU_LOG_LEVEL", "4", _choice("0", "1", "2", "3", "4"),
+            "CRIU's own log verbosity (4 is the most detailed)."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dir: str
+    name: str
+    restore: str
+    signal: signal.Signals
+    tcp: str
+    log_level: str
+    keep: int
+    criu_log_level: str
+
+    @property
+    def lineage_dir(self) -> str:
+        return f"{self.dir}/{self.name}"
+
+
+def load(environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> Config:
+    """Build a Config from the environment, with flags (by field name) taking precedence."""
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = flags.get(setting.field)
+        source = setting.flag
+        if raw is None:
+            raw = environ.get(setting.variable)
+            source = setting.variable
+        if raw is None or raw == "":
+            raw, source = setting.default, setting.variable
+        label = f"{setting.flag} ({setting.variable})" if source.startswith("--") else setting.variable
+        values[setting.field] = setting.parse(label, raw)
+    return Config(**values)
+
+
+def describe_table() -> str:
+    """The settings as a Markdown table (used to keep the README honest)."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        rows.append(f"| `{s.variable}` | `{s.flag}` | `{s.default}` | {s.help} |")
+    return "\n".join(rows)

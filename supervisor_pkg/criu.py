@@ -1,0 +1,213 @@
+"""The one adapter over pycriu: the only module that talks to CRIU.
+
+Dump and restore go through CRIU's RPC (`criu swrk`, forked by pycriu), never
+by parsing CLI output. Two pycriu facts shape this code (verified with 4.2.1):
+- directory fds passed as images_dir_fd/work_dir_fd must be inheritable,
+  because swrk is a forked+exec'd child;
+- swrk closes fds 0-2 before exec, so fds given in inherit_fd must be dups
+  above 2.
+A CRIU failure becomes DumpFailed/RestoreFailed with one readable line (the
+likely cause and its fix, see `explain`) and the path of the full CRIU log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed
+
+CRIU_BINARY = "criu"
+
+
+def _pycriu() -> Any:
+    try:
+        import pycriu  # type: ignore[import-not-found]
+    except ImportError as error:
+        raise EnvironmentProblem(
+            "pycriu is not installed: use the criu-supervisor base image, or install "
+            "Debian's python3-pycriu (CRIU >= 4.2)"
+        ) from error
+    return pycriu
+
+
+@functools.cache
+def version() -> str:
+    """CRIU's version, e.g. '4.2.1'."""
+    try:
+        out = subprocess.run([CRIU_BINARY, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise EnvironmentProblem(f"cannot run {CRIU_BINARY}: {error}; use the base image, which ships CRIU 4.2") from error
+    match = re.search(r"Version:\s*(\S+)", out)
+    if not match:
+        raise EnvironmentProblem(f"cannot read CRIU's version from {out!r}")
+    return match.group(1)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+@dataclasses.dataclass(frozen=True)
+class DumpResult:
+    seconds: float
+    log_path: str
+
+
+@contextlib.contextmanager
+def _directory_fd(path: str) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.set_inheritable(fd, True)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _new_client(images_fd: int, work_fd: int, log_name: str, log_level: int) -> Any:
+    pycriu = _pycriu()
+    client = pycriu.criu()
+    client.use_binary(CRIU_BINARY)
+    client.opts.images_dir_fd = images_fd
+    client.opts.work_dir_fd = work_fd
+    client.opts.log_file = log_name
+    client.opts.log_level = log_level
+    return client
+
+
+def dump(
+    pid: int,
+    images_dir: str,
+    log_dir: str,
+    log_name: str,
+    *,
+    leave_running: bool,
+    tcp: str,
+    log_level: int = 4,
+) -> DumpResult:
+    """Checkpoint the tree rooted at `pid` into `images_dir`."""
+    log_path = os.path.join(log_dir, log_name)
+    pycriu = _pycriu()
+    with _directory_fd(images_dir) as images_fd, _directory_fd(log_dir) as work_fd:
+        client = _new_client(images_fd, work_fd, log_name, log_level)
+        client.opts.pid = pid
+        client.opts.leave_running = leave_running
+        _set_tcp(client.opts, tcp)
+        started = time.monotonic()
+        try:
+            client.dump()
+        except pycriu.CRIUException as error:
+            raise DumpFailed(
+                f"checkpoint failed: {explain(log_path, error)} (full CRIU log: {log_path})",
+                errno=getattr(error, "errno", None),
+                log_path=log_path,
+            ) from error
+    return DumpResult(seconds=time.monotonic() - started, log_path=log_path)
+
+
+def restore(
+    images_dir: str,
+    log_dir: str,
+    log_name: str,
+    *,
+    inherit: Mapping[str, int],
+    tcp: str,
+    log_level: int = 4,
+) -> int:
+    """Restore the tree in `images_dir` as our child; return its root's PID.
+
+    `inherit` maps CRIU resource keys (e.g. 'pipe:[1234]', the dumped stdout)
+    to our fds that should take their place (the new container's stdout).
+    """
+    log_path = os.path.join(log_dir, log_name)
+    pycriu = _pycriu()
+    dups: list[int] = []
+    try:
+        with _directory_fd(images_dir) as images_fd, _directory_fd(log_dir) as work_fd:
+            client = _new_client(images_fd, work_fd, log_name, log_level)
+            client.opts.rst_sibling = True  # the restored root becomes our child
+            _set_tcp(client.opts, tcp)
+            for key, fd in inherit.items():
+                high = os.dup(fd)  # swrk closes 0-2 before exec
+                while high <= 2:
+                    high = os.dup(fd)
+                os.set_inheritable(high, True)
+                dups.append(high)
+                client.opts.inherit_fd.add(key=key, fd=high)
+            try:
+                response = client.restore()
+            except pycriu.CRIUException as error:
+                raise RestoreFailed(
+                    f"restore failed: {explain(log_path, error)} (full CRIU log: {log_path})",
+                    errno=getattr(error, "errno", None),
+                    log_path=log_path,
+                ) from error
+    finally:
+        for fd in dups:
+            os.close(fd)
+    return int(response.pid)
+
+
+def _set_tcp(opts: Any, tcp: str) -> None:
+    if tcp == "established":
+        opts.tcp_established = True
+    else:
+        # Dump: don't dump or block established connections; restore: bring
+        # connected sockets back closed, so the app sees a reset and reconnects.
+        opts.tcp_close = True
+
+
+# CRIU log fragments -> (cause, fix). The first match wins; keep specific before generic.
+_KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
+    (r"Can't get \d+:\d+ opt: Operation not supported",
+     "this CRIU is too old for the kernel's socket options; use CRIU >= 4.2 (the base image has it)"),
+    (r"Unknown shit 600|anon_inode:\[io_uring\]",
+     "the app uses io_uring, which CRIU cannot dump; keep CKPT_IO_URING=deny"),
+    (r"fsnotify: Can't dump that handle",
+     "the app holds inotify/fanotify watches; add --cap-add DAC_READ_SEARCH"),
+    (r"Can't get rlimit \d+: Operation not permitted",
+     "the app runs as another user and CRIU needs CAP_SYS_RESOURCE to read its limits; add --cap-add SYS_RESOURCE"),
+    (r"session leader is outside",
+     "the app's session leader is outside its PID namespace; start it through criu-supervisor run"),
+    (r"Connected TCP socket|consider using --tcp-established",
+     "the app has established TCP connections; set CKPT_TCP=close or CKPT_TCP=established"),
+    (r"tty|pty|Can't dump.*terminal",
+     "the app is attached to a terminal (docker run -t / tty: true); run without a TTY"),
+    (r"timens|clock.*offset|Can't set.*time",
+     "the time-namespace offset was denied; add --cap-add SYS_TIME"),
+    (r"ptrace|PTRACE|can't infect|Can't infect|seize",
+     "CRIU cannot ptrace the app: add --cap-add SYS_PTRACE and --security-opt seccomp=unconfined"),
+    (r"No space left on device|ENOSPC",
+     "the checkpoint volume is full; free space or give CKPT_DIR a larger volume"),
+    (r"Read-only file system|EROFS",
+     "the checkpoint volume is read-only; mount CKPT_DIR read-write"),
+    (r"File exists|set_tid|PID.*already",
+     "a PID the app needs is already taken; restore into a fresh container"),
+    (r"Operation not permitted|EPERM",
+     "CRIU lacks a permission; add --cap-add SYS_ADMIN SYS_PTRACE SYS_TIME NET_ADMIN and "
+     "--security-opt seccomp=unconfined --security-opt apparmor=unconfined"),
+)
+
+
+def explain(log_path: str, error: BaseException | None = None) -> str:
+    """One readable line: the first CRIU error in the log, its likely cause and fix."""
+    try:
+        with open(log_path, errors="replace") as log:
+            lines = log.read().splitlines()
+    except OSError:
+        lines = []
+    errors = [line for line in lines if "Error (" in line or "Error:" in line]
+    first = errors[0] if errors else (str(error) if error else "CRIU gave no reason")
+    first = re.sub(r"^\(\s*[\d.]+\)\s*", "", first).strip()
+    haystack = "\n".join(errors) or first
+    for pattern, advice in _KNOWN_FAILURES:
+        if re.search(pattern, haystack):
+            return f"{first} -> {advice}"
+    return first

@@ -1,0 +1,99 @@
+"""Starting the app fresh: its own PID and IPC namespaces, a session, an init.
+
+    supervisor (container PID 1)
+      └── tini            PID 1 of the app's namespace, session leader  <- dumped tree root
+            └── CMD ...   the app
+
+Why each piece:
+- A private PID namespace makes the app's PIDs independent of whatever else runs
+  in the container, so CRIU can give them back exactly (clone3 set_tid) in the
+  replacement container.
+- A private IPC namespace lets CRIU carry SysV shared memory and semaphores.
+- The tree must be its own session: CRIU refuses "session leader is outside of
+  its pid namespace".
+- tini at the namespace's PID 1 reaps zombies and passes signals on, and exits
+  with the app's status (128+N for a signal, 126/127 for exec failures).
+- The supervisor itself is never inside the dumped tree.
+
+We double-fork: the middle process unshares, forks the namespace init and exits
+at once, so the init is re-parented to us (PID 1 or a child subreaper) and we
+can waitpid() it exactly as we will a restored tree (CRIU's rst_sibling).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import sys
+
+from supervisor_pkg import signals
+from supervisor_pkg.errors import CommandNotExecutable, CommandNotFound, EnvironmentProblem
+
+NAMESPACE_INIT = ("tini", "--")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphans of our children come to us even when we are not PID 1 (tests, `--init`)."""
+    if os.getpid() == 1:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise EnvironmentProblem(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def check_command(cmd: list[str]) -> str:
+    """Resolve CMD the way execvp would, so a typo gets a clear line, not a dump of nothing."""
+    program = cmd[0]
+    if "/" in program:
+        if not os.path.exists(program):
+            raise CommandNotFound(f"command not found: {program}")
+        if os.path.isdir(program) or not os.access(program, os.X_OK):
+            raise CommandNotExecutable(f"command is not executable: {program} (check its mode and shebang)")
+        return program
+    found = shutil.which(program)
+    if found is None:
+        raise CommandNotFound(f"command not found in PATH: {program}")
+    return found
+
+
+def spawn(cmd: list[str], share_ipc: bool = False) -> int:
+    """Start CMD under the namespace init; return the init's PID (in our namespace)."""
+    init_argv = [*NAMESPACE_INIT, *cmd]
+    flags = os.CLONE_NEWPID | (0 if share_ipc else os.CLONE_NEWIPC)
+    read_fd, write_fd = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # pragma: no cover - runs in the child
+        _middle_child(flags, init_argv, read_fd, write_fd)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        report = pipe.read().decode()
+    os.waitpid(middle, 0)
+    if not report.startswith("pid "):
+        raise EnvironmentProblem(f"could not start the app's namespace: {report or 'no report'}")
+    return int(report.split()[1])
+
+
+def _middle_child(flags: int, init_argv: list[str], read_fd: int, write_fd: int) -> None:  # pragma: no cover
+    try:
+        os.close(read_fd)
+        signals.reset_in_child()
+        os.unshare(flags)
+        init_pid = os.fork()
+        if init_pid == 0:
+            os.close(write_fd)
+            os.setsid()
+            try:
+                os.execvp(init_argv[0], init_argv)
+            except OSError as error:
+                print(f"criu-supervisor: cannot exec {init_argv[0]}: {error}", file=sys.stderr)
+                os._exit(127)
+        os.write(write_fd, f"pid {init_pid}".encode())
+        os._exit(0)
+    except BaseException as error:  # report anything, never return into the parent's code
+        try:
+            os.write(write_fd, f"{type(error).__name__}: {error}".encode())
+        finally:
+            os._exit(1)

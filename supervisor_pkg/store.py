@@ -1,0 +1,419 @@
+"""The checkpoint layout on the shared volume, written for NFS semantics.
+
+    CKPT_DIR/<CKPT_NAME>/                0700  one app's lineage
+      latest                             0600  name of the newest published generation
+      gen-00000007/                      0700  a published generation
+        manifest.json                    0600  written last; lists size+sha256 of every file
+        *.img, stats-dump ...            0600  CRIU's images
+        claim.json                       0600  O_EXCL: this generation has been taken for restore
+        rejected.json                    0600  why it must not be restored (corrupt, CRIU failed)
+      .staging-<host>-<pid>-<random>/    0700  a generation being written; never restored
+      logs/                              0700  CRIU dump/restore logs
+
+Publication (STYLE.md, "Storage on shared volumes"): write into a unique
+staging directory, fsync every file, write the manifest (tmp -> fsync ->
+rename), rename the directory to its generation name, fsync the parent, then
+move the `latest` pointer. rename(2) of a directory onto an existing non-empty
+one fails, so two writers can never publish the same number. A crash at any
+point leaves either a staging directory (cleaned later, never restored) or a
+complete generation.
+
+"Newest" comes from what was published: the `latest` pointer and the
+manifests, never from the mtime or order of a listing (NFS attribute caches can
+make listings up to 60 s stale). Claims use O_CREAT|O_EXCL, which is atomic on
+NFSv3+; locks would be hints at best there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from supervisor_pkg.errors import StoreError, VerificationFailed
+
+MANIFEST = "manifest.json"
+CLAIM = "claim.json"
+REJECTED = "rejected.json"
+POINTER = "latest"
+FORMAT_VERSION = 1
+_GENERATION = re.compile(r"^gen-(\d{8})$")
+_STAGING_PREFIX = ".staging-"
+# Files that live in a generation directory but are not part of the checkpoint.
+_BOOKKEEPING = {MANIFEST, CLAIM, REJECTED}
+_HASH_CHUNK = 4 << 20
+
+
+def generation_name(number: int) -> str:
+    return f"gen-{number:08d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    number: int
+    path: str
+
+    @property
+    def name(self) -> str:
+        return generation_name(self.number)
+
+    def has(self, filename: str) -> bool:
+        return os.path.exists(os.path.join(self.path, filename))
+
+    @property
+    def claimed(self) -> bool:
+        return self.has(CLAIM)
+
+    @property
+    def rejected(self) -> bool:
+        return self.has(REJECTED)
+
+    def read_json(self, filename: str) -> dict[str, Any]:
+        with open(os.path.join(self.path, filename)) as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict):
+            raise ValueError(f"{filename} is not a JSON object")
+        return data
+
+
+def identity() -> dict[str, str | None]:
+    """Where a checkpoint or claim comes from: host, container, image."""
+    return {
+        "host": os.environ.get("CKPT_HOST_NAME") or os.environ.get("NODE_NAME") or socket.gethostname(),
+        "container_id": _container_id(),
+        "image_id": os.environ.get("CKPT_IMAGE_ID"),
+    }
+
+
+def _container_id() -> str | None:
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            for line in handle:
+                match = re.search(r"/containers/([0-9a-f]{64})/", line)
+                if match:
+                    return match.group(1)
+    except OSError:
+        pass
+    return os.environ.get("HOSTNAME")
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
+    """tmp -> fsync -> rename: readers see the old file or the whole new one."""
+    temporary = f"{path}.tmp-{secrets.token_hex(4)}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
+    """(size, sha256) of a file, read once; optionally fsync it in the same pass."""
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, digest.hexdigest()
+
+
+def _describe_os_error(error: OSError, path: str) -> str:
+    if error.errno == errno.EROFS:
+        return f"the checkpoint volume is read-only ({path}); mount CKPT_DIR read-write"
+    if error.errno == errno.ENOSPC:
+        return f"the checkpoint volume is full ({path}); free space or use a larger volume"
+    if error.errno == errno.EDQUOT:
+        return f"the checkpoint volume's quota is exhausted ({path})"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write the checkpoint volume ({path}); check the volume's owner and mode"
+    return f"I/O error on the checkpoint volume ({path}): {error.strerror}"
+
+
+class Staging:
+    """A generation being written. Never restored until `Store.publish`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class Store:
+    def __init__(self, root: str, name: str, keep: int = 2) -> None:
+        self.root = root
+        self.name = name
+        self.keep = keep
+        self.lineage = os.path.join(root, name)
+        self.logs = os.path.join(self.lineage, "logs")
+
+    # --- opening -----------------------------------------------------------
+    def open(self) -> None:
+        """Create the lineage (0700) if missing. Raises StoreError if it cannot."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            for path in (self.lineage, self.logs):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                os.chmod(path, 0o700)
+        except OSError as error:
+            raise StoreError(_describe_os_error(error, self.lineage)) from error
+
+    # --- reading what was published ----------------------------------------
+    def generations(self) -> list[Generation]:
+        """Published generations, newest first: the pointer plus every manifest found."""
+        numbers: set[int] = set()
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(self.lineage):
+                match = _GENERATION.match(entry)
+                if match and os.path.exists(os.path.join(self.lineage, entry, MANIFEST)):
+                    numbers.add(int(match.group(1)))
+        pointed = self._pointer()
+        if pointed is not None and os.path.exists(os.path.join(self.lineage, generation_name(pointed), MANIFEST)):
+            numbers.add(pointed)
+        return [Generation(n, os.path.join(self.lineage, generation_name(n))) for n in sorted(numbers, reverse=True)]
+
+    def _pointer(self) -> int | None:
+        try:
+            with open(os.path.join(self.lineage, POINTER)) as handle:
+                match = _GENERATION.match(handle.read().strip())
+        except OSError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def newest_number(self) -> int:
+        """The highest generation number ever used (published or pointed to)."""
+        gens = self.generations()
+        return max([g.number for g in gens] + [self._pointer() or 0])
+
+    # --- writing a generation ----------------------------------------------
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Staging]:
+        """A fresh staging directory; removed on any failure."""
+        host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+        path = os.path.join(self.lineage, f"{_STAGING_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(6)}")
+        try:
+            os.makedirs(self.lineage, mode=0o700, exist_ok=True)
+            os.mkdir(path, 0o700)
+        except OSError as error:
+            raise StoreError(_describe_os_error(error, self.lineage)) from error
+        staging = Staging(path)
+        try:
+            yield staging
+        except BaseException:
+            self.discard(staging)
+            raise
+
+    def discard(self, staging: Staging) -> None:
+        shutil.rmtree(staging.path, ignore_errors=True)
+
+    def publish(self, staging: Staging, metadata: dict[str, Any]) -> Generation:
+        """Hash+fsync every file, write the manifest, rename into place, move the pointer."""
+        try:
+            files = self._hash_tree(staging.path)
+            number = self.newest_number() + 1
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created_unix": time.time(),
+                "source": identity(),
+                "kernel": os.uname().release,
+                "machine": os.uname().machine,
+                **metadata,
+                "files": files,
+            }
+            while True:
+                manifest["generation"] = number
+                _write_json_atomically(os.path.join(staging.path, MANIFEST), manifest)
+                _fsync_path(staging.path, directory=True)
+                target = os.path.join(self.lineage, generation_name(number))
+                try:
+                    os.rename(staging.path, target)
+                    break
+                except OSError as error:
+                    # Another writer took this number first (rename onto a non-empty dir).
+                    if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    number += 1
+            _fsync_path(self.lineage, directory=True)
+            self._write_pointer(number)
+        except OSError as error:
+            self.discard(staging)
+            raise StoreError(_describe_os_error(error, staging.path)) from error
+        return Generation(number, target)
+
+    def _write_pointer(self, number: int) -> None:
+        # Only ever move the pointer forward: a slow writer must not hide a newer generation.
+        if (self._pointer() or 0) >= number:
+            return
+        path = os.path.join(self.lineage, POINTER)
+        temporary = f"{path}.tmp-{secrets.token_hex(4)}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(generation_name(number) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, path)
+        _fsync_path(self.lineage, directory=True)
+
+    def _hash_tree(self, directory: str) -> dict[str, dict[str, Any]]:
+        names = sorted(os.listdir(directory))
+        for name in names:
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path) or os.path.islink(path):
+                raise StoreError(f"unexpected non-file {name!r} in a checkpoint")
+            os.chmod(path, 0o600)  # CRIU writes 0644; checkpoints hold secrets
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            results = pool.map(lambda n: hash_file(os.path.join(directory, n), fsync=True), names)
+            return {name: {"size": size, "sha256": digest} for name, (size, digest) in zip(names, results)}
+
+    # --- verification, claims, rejection -----------------------------------
+    def verify(self, generation: Generation, local_criu_version: str | None = None) -> dict[str, Any]:
+        """Check the manifest and every file; return the manifest or raise VerificationFailed."""
+        if os.path.islink(generation.path):
+            raise VerificationFailed(f"{generation.name} is a symlink")
+        try:
+            manifest = generation.read_json(MANIFEST)
+        except (OSError, ValueError) as error:
+            raise VerificationFailed(f"{generation.name}: manifest unreadable: {error}") from error
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest.get('format_version')!r}")
+        if manifest.get("generation") != generation.number:
+            raise VerificationFailed(f"{generation.name}: manifest names generation {manifest.get('generation')!r}")
+        if manifest.get("machine") != os.uname().machine:
+            raise VerificationFailed(
+                f"{generation.name}: made on {manifest.get('machine')}, this machine is {os.uname().machine}"
+            )
+        if local_criu_version is not None:
+            self._check_criu_version(generation, str(manifest.get("criu_version", "")), local_criu_version)
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise VerificationFailed(f"{generation.name}: manifest lists no files")
+        present = set(os.listdir(generation.path)) - _BOOKKEEPING
+        unexpected = sorted(present - set(files))
+        if unexpected:
+            raise VerificationFailed(f"{generation.name}: files not in the manifest: {', '.join(unexpected[:5])}")
+        for name, expected in files.items():
+            self._verify_file(generation, name, expected)
+        return manifest
+
+    @staticmethod
+    def _check_criu_version(generation: Generation, dumped: str, local: str) -> None:
+        from supervisor_pkg.criu import version_tuple
+
+        if not dumped:
+            raise VerificationFailed(f"{generation.name}: manifest does not record the CRIU version")
+        if version_tuple(local)[:2] < version_tuple(dumped)[:2]:
+            raise VerificationFailed(
+                f"{generation.name}: dumped by CRIU {dumped}, but this image has CRIU {local}; "
+                "restore needs the same or a newer CRIU"
+            )
+
+    @staticmethod
+    def _verify_file(generation: Generation, name: str, expected: Any) -> None:
+        if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _BOOKKEEPING:
+            raise VerificationFailed(f"{generation.name}: manifest names an unsafe path {name!r}")
+        path = os.path.join(generation.path, name)
+        try:
+            info = os.lstat(path)
+        except OSError as error:
+            raise VerificationFailed(f"{generation.name}: {name} is missing ({error.strerror})") from error
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise VerificationFailed(f"{generation.name}: {name} is not a regular file")
+        if info.st_size != expected.get("size"):
+            raise VerificationFailed(
+                f"{generation.name}: {name} is {info.st_size} bytes, the manifest says {expected.get('size')} (truncated?)"
+            )
+        try:
+            _, digest = hash_file(path)
+        except OSError as error:
+            raise VerificationFailed(f"{generation.name}: {name} is unreadable ({error.strerror})") from error
+        if digest != expected.get("sha256"):
+            raise VerificationFailed(f"{generation.name}: {name} does not match its sha256 (corrupted or tampered)")
+
+    def claim(self, generation: Generation, purpose: str = "restore") -> bool:
+        """Atomically mark `generation` as taken. False if somebody else already did."""
+        record = {**identity(), "pid": os.getpid(), "time": time.time(), "purpose": purpose}
+        try:
+            fd = os.open(os.path.join(generation.path, CLAIM), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
+    def reject(self, generation: Generation, reason: str) -> None:
+        """Record on the volume why this generation must never be restored."""
+        with contextlib.suppress(OSError):
+            _write_json_atomically(
+                os.path.join(generation.path, REJECTED), {"reason": reason, "time": time.time(), **identity()}
+            )
+
+    # --- retention -----------------------------------------------------------
+    def prune(self, keep: int | None = None, protect: set[int] | None = None) -> list[str]:
+        """Delete all but the newest `keep` usable generations, and stale staging dirs."""
+        keep = self.keep if keep is None else keep
+        protect = protect or set()
+        removed: list[str] = []
+        usable = 0
+        for generation in self.generations():
+            if generation.number in protect:
+                continue
+            if not generation.rejected:
+                usable += 1
+                if usable <= keep:
+                    continue
+            shutil.rmtree(generation.path, ignore_errors=True)
+            removed.append(generation.name)
+        removed += self.clean_stale_staging()
+        return removed
+
+    def clean_stale_staging(self, older_than: float = 3600.0) -> list[str]:
+        """Remove staging dirs of crashed writers; skip NFS silly-rename files (.nfsXXXX)."""
+        removed = []
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(self.lineage):
+                if not entry.startswith(_STAGING_PREFIX):
+                    continue
+                path = os.path.join(self.lineage, entry)
+                with contextlib.suppress(OSError):
+                    if now - os.stat(path).st_mtime < older_than:
+                        continue
+                    for inner in os.listdir(path):
+                        if not inner.startswith(".nfs"):
+                            os.unlink(os.path.join(path, inner))
+                    os.rmdir(path)  # fails while an .nfsXXXX file is still there; retried next time
+                    removed.append(entry)
+        return removed

@@ -1,0 +1,309 @@
+"""The PID-1 loop: start (restore or spawn), supervise, checkpoint, exit.
+
+States and the only transitions allowed (asserted, as supervisord does):
+
+    STARTING ──> RESTORING ──> RUNNING ──> CHECKPOINTING ──> CHECKPOINTED ──> EXITING
+        │            │            │              │
+        └──> COLD_START ──> RUNNING              └──> FAILED ──> STOPPING ──> EXITING
+                                  └──────────────────────────────────────────> EXITING
+
+Signal handlers only record (see signals.py); this loop takes the records in
+order and acts, so a checkpoint signal that arrives during start-up or a
+restore is acted on as soon as the app is running, and a second one arriving
+during a dump cannot start a second dump.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from supervisor_pkg import criu, launcher
+from supervisor_pkg.config import Config
+from supervisor_pkg.errors import (
+    CriuError,
+    RestoreFailed,
+    RestoreRequired,
+    StoreError,
+    VerificationFailed,
+)
+from supervisor_pkg.signals import SignalReceiver
+from supervisor_pkg.store import Generation, Store
+
+log = logging.getLogger("criu-supervisor")
+
+# Passed on to the app as they are (tini, at the app's PID 1, passes them to CMD).
+FORWARDED_SIGNALS = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH}
+)
+_STDIO_FDS = (0, 1, 2)
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RESTORING = "restoring"
+    COLD_START = "cold-start"
+    RUNNING = "running"
+    CHECKPOINTING = "checkpointing"
+    CHECKPOINTED = "checkpointed"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    EXITING = "exiting"
+
+
+_TRANSITIONS: dict[State, set[State]] = {
+    State.STARTING: {State.RESTORING, State.COLD_START, State.EXITING},
+    State.RESTORING: {State.RUNNING, State.COLD_START, State.EXITING},
+    State.COLD_START: {State.RUNNING, State.EXITING},
+    State.RUNNING: {State.CHECKPOINTING, State.EXITING},
+    State.CHECKPOINTING: {State.CHECKPOINTED, State.FAILED},
+    State.CHECKPOINTED: {State.EXITING},
+    State.FAILED: {State.STOPPING},
+    State.STOPPING: {State.EXITING},
+    State.EXITING: set(),
+}
+
+
+def exit_code_for(status: int) -> int:
+    """The app's wait status -> our exit code: its code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+class Supervisor:
+    def __init__(self, config: Config, command: list[str], receiver: SignalReceiver, store: Store | None = None) -> None:
+        self.config = config
+        self.command = command
+        self.receiver = receiver
+        self.store = store or Store(config.dir, config.name, keep=config.keep)
+        self.state = State.STARTING
+        self.app_pid: int | None = None
+        self.app_status: int | None = None
+        self.exit_code: int | None = None
+        self.restored_from: Generation | None = None
+
+    # --- the whole life of a container, in order ----------------------------
+    def run(self) -> int:
+        launcher.become_subreaper()
+        self.start()
+        self.supervise()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    def start(self) -> None:
+        """Restore the newest valid checkpoint, or start CMD fresh; log which and why."""
+        why_fresh = "CKPT_RESTORE=never"
+        if self.config.restore != "never":
+            self._transition(State.RESTORING)
+            why_fresh = self._try_restore()
+            if self.app_pid is not None:
+                self._transition(State.RUNNING)
+                return
+            if self.config.restore == "require":
+                self._transition(State.EXITING)
+                raise RestoreRequired(f"CKPT_RESTORE=require but nothing can be restored: {why_fresh}")
+        self._transition(State.COLD_START)
+        launcher.check_command(self.command)
+        self.app_pid = launcher.spawn(self.command)
+        log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
+        self._transition(State.RUNNING)
+
+    def supervise(self) -> None:
+        """Take recorded signals in order and act, until we know our exit code."""
+        while self.exit_code is None:
+            for event in self.receiver.wait(timeout=None):
+                self._handle(event)
+            self._reap()
+            if self.app_status is not None and self.exit_code is None:
+                self._app_exited()
+
+    # --- start-up ---------------------------------------------------------------
+    def _try_restore(self) -> str:
+        """Restore into self.app_pid if possible; otherwise return why we start fresh."""
+        try:
+            self.store.open()
+        except StoreError as error:
+            return f"checkpoint volume unusable: {error.message}"
+        generations = self.store.generations()
+        if not generations:
+            return f"no checkpoint in {self.store.lineage}"
+        local_criu = criu.version()
+        reason = "no restorable checkpoint"
+        for generation in generations:
+            if generation.rejected:
+                log.info("skipping %s: rejected earlier", generation.name)
+                continue
+            if generation.claimed:
+                reason = f"{generation.name}, the newest state, was already restored by another container"
+                break
+            try:
+                manifest = self.store.verify(generation, local_criu)
+            except VerificationFailed as error:
+                log.warning("refusing %s: %s", generation.name, error.message)
+                self.store.reject(generation, error.message)
+                reason = f"{generation.name} was refused"
+                continue
+            if not self.store.claim(generation):
+                log.warning("%s was claimed by another container a moment ago; not restoring it twice", generation.name)
+                reason = f"{generation.name} was claimed by another container"
+                break
+            try:
+                self._restore(generation, manifest)
+            except RestoreFailed as error:
+                log.error("%s", error.message)
+                self.store.reject(generation, error.message)
+                self._reap()
+                reason = f"restoring {generation.name} failed"
+                continue
+            return ""
+        return reason
+
+    def _restore(self, generation: Generation, manifest: dict[str, Any]) -> None:
+        started = time.monotonic()
+        inherit = self._inherit_map(manifest.get("app", {}).get("stdio", {}))
+        log_name = f"restore-{generation.name}-{_stamp()}.log"
+        self.app_pid = criu.restore(
+            generation.path, self.store.logs, log_name,
+            inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+        )
+        self.restored_from = generation
+        log.info(
+            "restored %s (made %s on %s) in %.2f s; app root pid %d",
+            generation.name, manifest.get("created"), (manifest.get("source") or {}).get("host"),
+            time.monotonic() - started, self.app_pid,
+        )
+
+    @staticmethod
+    def _inherit_map(stdio: dict[str, str]) -> dict[str, int]:
+        """Dumped stdio pipes -> this container's fds, so `docker logs` keeps showing the app."""
+        inherit: dict[str, int] = {}
+        for fd_text, target in stdio.items():
+            fd = int(fd_text)
+            if not target.startswith(("pipe:[", "socket:[")) or target in inherit:
+                continue
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            inherit[target] = fd
+        return inherit
+
+    # --- events -------------------------------------------------------------------
+    def _handle(self, event: int | str) -> None:
+        if event == signal.SIGCHLD:
+            return  # reaped right after
+        if event == self.config.signal:
+            if self.state is State.RUNNING:
+                self._checkpoint_and_exit()
+            elif self.state is State.STOPPING:
+                self._forward(signal.SIGTERM)
+            return
+        if isinstance(event, int) and event in FORWARDED_SIGNALS:
+            self._forward(signal.Signals(event))
+
+    def _forward(self, signum: signal.Signals) -> None:
+        if self.app_pid is None:
+            return
+        try:
+            os.kill(self.app_pid, signum)
+            log.debug("forwarded %s to the app", signum.name)
+        except ProcessLookupError:
+            log.debug("app already gone; %s not forwarded", signum.name)
+
+    def _reap(self) -> None:
+        """Collect every exited child: the app's init, and orphans re-parented to us."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.app_pid:
+                self.app_status = status
+            else:
+                log.debug("reaped orphan %d (status %d)", pid, status)
+
+    def _app_exited(self) -> None:
+        assert self.app_status is not None
+        code = exit_code_for(self.app_status)
+        log.info("app exited with code %d", code)
+        self._transition(State.EXITING)
+        self.exit_code = code
+
+    # --- checkpoint -----------------------------------------------------------------
+    def _checkpoint_and_exit(self) -> None:
+        self._transition(State.CHECKPOINTING)
+        started = time.monotonic()
+        try:
+            generation = self.checkpoint(final=True)
+        except (CriuError, StoreError) as error:
+            self._transition(State.FAILED)
+            log.error("%s", error.message)
+            log.warning("falling back to the app's own graceful stop: sending it SIGTERM")
+            self._transition(State.STOPPING)
+            self._forward(signal.SIGTERM)
+            return
+        self._transition(State.CHECKPOINTED)
+        log.info("final checkpoint %s published in %.2f s; exiting 0", generation.name, time.monotonic() - started)
+        self._wait_for_app()
+        self._transition(State.EXITING)
+        self.exit_code = 0
+
+    def checkpoint(self, final: bool) -> Generation:
+        """Dump the app into a staging generation, then publish it atomically."""
+        assert self.app_pid is not None
+        stdio = self._stdio_of(self.app_pid)
+        log_name = f"dump-{_stamp()}.log"
+        with self.store.staging() as staging:
+            result = criu.dump(
+                self.app_pid, staging.path, self.store.logs, log_name,
+                leave_running=not final, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+            )
+            generation = self.store.publish(
+                staging,
+                {
+                    "criu_version": criu.version(),
+                    "stats": {"dump_seconds": round(result.seconds, 4), "final": final},
+                    "app": {"stdio": stdio},
+                    "restored_from": self.restored_from.name if self.restored_from else None,
+                },
+            )
+        removed = self.store.prune(protect={generation.number})
+        if removed:
+            log.debug("pruned %s", ", ".join(removed))
+        return generation
+
+    @staticmethod
+    def _stdio_of(pid: int) -> dict[str, str]:
+        stdio = {}
+        for fd in _STDIO_FDS:
+            try:
+                stdio[str(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+        return stdio
+
+    def _wait_for_app(self) -> None:
+        """After a final dump CRIU has killed the tree; collect its init."""
+        while self.app_status is None:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            if pid == self.app_pid:
+                self.app_status = status
+
+    # --- the state machine --------------------------------------------------------
+    def _transition(self, new: State) -> None:
+        assert new in _TRANSITIONS[self.state], f"illegal transition {self.state.value} -> {new.value}"
+        log.debug("state %s -> %s", self.state.value, new.value)
+        self.state = new
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
