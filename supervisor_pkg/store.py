@@ -387,13 +387,13 @@ class Store:
         protect = protect or set()
         removed: list[str] = []
         usable = 0
-        for generation in self.generations():
-            if generation.number in protect:
-                continue
+        for generation in self.generations():  # newest first
             if not generation.rejected:
                 usable += 1
                 if usable <= keep:
                     continue
+            if generation.number in protect:
+                continue
             shutil.rmtree(generation.path, ignore_errors=True)
             removed.append(generation.name)
         removed += self.clean_stale_staging()

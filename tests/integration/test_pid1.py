@@ -1,0 +1,75 @@
+"""The supervisor as PID 1: exit codes, signal forwarding, reaping, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dockerlib import BASE_IMAGE, TICKER_IMAGE, Docker, sleep_until
+
+
+def test_read_only_volume_falls_back_to_the_apps_graceful_stop(engine: Docker) -> None:
+    volume = engine.volume()
+    app = engine.run(TICKER_IMAGE, volume=volume, read_only_volume=True,
+                     env={"TICK_INTERVAL": "0.1", "TICKER_EXIT_CODE": "7"})
+    app.wait_log(r"tick 3\n")
+    assert app.stop() == 7  # the app's own exit code passes through
+    logs = app.logs()
+    assert re.search(r"ERROR: .*read-only.*mount CKPT_DIR read-write", logs), logs
+    assert "falling back to the app's own graceful stop" in logs
+    assert "graceful stop at tick" in logs
+
+
+@pytest.mark.parametrize("signal_name", ["INT", "HUP", "QUIT", "USR1", "USR2", "WINCH"])
+def test_forwarded_signal_reaches_the_app(engine: Docker, signal_name: str) -> None:
+    app = engine.run(TICKER_IMAGE, volume=engine.volume(), env={"TICK_INTERVAL": "0.1"})
+    app.wait_log(r"tick 2\n")
+    app.kill(signal_name)
+    app.wait_log(rf"got SIG{signal_name} at tick")
+    assert app.running()
+
+
+def test_orphans_reparented_to_pid1_are_reaped(engine: Docker) -> None:
+    app = engine.run(TICKER_IMAGE, volume=engine.volume())
+    app.wait_log(r"tick 1\n")
+    # The exec'd shell exits at once; its background children are re-parented
+    # to the container's PID 1, the supervisor, which must reap them.
+    app.exec("sh", "-c", "for i in 1 2 3 4 5; do sleep 3 & done; sleep 0.5")
+
+    def orphans() -> list[str]:
+        table = app.exec("ps", "-eo", "stat=,ppid=,comm=").stdout.splitlines()
+        return [row for row in table if row.split()[1] == "1" and row.split()[2] == "sleep"]
+
+    running = orphans()
+    assert len(running) == 5, running  # re-parented to the supervisor
+    # Once they exit, none may linger as a zombie ("Z" state) under PID 1.
+    sleep_until(lambda: not orphans(), 15, what="the orphans to be reaped")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CKPT_RESTORE", "maybe"), ("CKPT_SIGNAL", "SIGKILL"), ("CKPT_TCP", "keep"), ("CKPT_NAME", "../escape")],
+)
+def test_bad_configuration_exits_2_naming_the_variable(engine: Docker, variable: str, value: str) -> None:
+    app = engine.run(TICKER_IMAGE, volume=engine.volume(), env={variable: value})
+    assert app.wait_exit() == 2
+    assert variable in app.logs()
+
+
+def test_exit_codes_pass_through(engine: Docker) -> None:
+    cases = {
+        ("python3", "-c", "import sys; sys.exit(5)"): 5,
+        ("sh", "-c", "kill -KILL $$"): 137,
+        ("/no/such/program",): 127,
+        ("/etc/hostname",): 126,
+    }
+    for command, expected in cases.items():
+        app = engine.run(BASE_IMAGE, *command, volume=engine.volume())
+        assert app.wait_exit() == expected, (command, app.logs())
+
+
+def test_restore_require_exits_3_on_an_empty_volume(engine: Docker) -> None:
+    app = engine.run(TICKER_IMAGE, volume=engine.volume(), env={"CKPT_RESTORE": "require"})
+    assert app.wait_exit() == 3
+    assert "CKPT_RESTORE=require" in app.logs()
