@@ -48,11 +48,19 @@ if ! docker image inspect debian:trixie-slim >/dev/null 2>&1; then
     fi
 fi
 
-log "building images"
-docker build -q -t criu-supervisor:latest -f images/base/Dockerfile . >/dev/null
+log "building images (log: /tmp/criu-supervisor-build.log)"
+build() {  # build TAG CONTEXT [DOCKERFILE]
+    local tag=$1 context=$2 dockerfile=${3:-$2/Dockerfile}
+    if ! docker build -t "$tag" -f "$dockerfile" "$context" >>/tmp/criu-supervisor-build.log 2>&1; then
+        tail -n 30 /tmp/criu-supervisor-build.log >&2
+        log "building $tag failed; full log: /tmp/criu-supervisor-build.log"
+        exit 1
+    fi
+}
+: >/tmp/criu-supervisor-build.log
+build criu-supervisor:latest . images/base/Dockerfile
 for dir in examples/*/; do
-    name=$(basename "$dir")
     [ -f "$dir/Dockerfile" ] || continue
-    docker build -q -t "criu-supervisor-example-$name:latest" "$dir" >/dev/null
+    build "criu-supervisor-example-$(basename "$dir"):latest" "$dir"
 done
 log "ready"
