@@ -7,6 +7,8 @@ Exit codes (the contract, also in the README):
     2       a configuration error (a bad CKPT_* value, no command)
     3       CKPT_RESTORE=require and no checkpoint could be restored
     4       the environment cannot work (pycriu missing, volume unusable at start)
+    5       another live instance holds this app's lease (CKPT_HANDOFF_TIMEOUT passed)
+            (0 if stopped while still waiting for it: nothing ran, nothing is lost)
     126     the command exists but cannot be executed
     127     the command was not found
 """
@@ -28,7 +30,9 @@ from supervisor_pkg.errors import (
     CommandNotFound,
     ConfigError,
     EnvironmentProblem,
+    LeaseHeld,
     RestoreRequired,
+    StoppedWhileWaiting,
     SupervisorError,
 )
 
@@ -36,6 +40,8 @@ EXIT_CODES: dict[type[SupervisorError], int] = {
     ConfigError: 2,
     RestoreRequired: 3,
     EnvironmentProblem: 4,
+    LeaseHeld: 5,
+    StoppedWhileWaiting: 0,
     CommandNotExecutable: 126,
     CommandNotFound: 127,
 }
@@ -93,7 +99,7 @@ def run(command: tuple[str, ...], **flags: str | None) -> None:
             raise ConfigError("no command given: use `criu-supervisor run -- CMD [ARGS...]` or set the image's CMD")
         code = Supervisor(config, list(command), receiver).run()
     except SupervisorError as error:
-        log.error("%s", error.message)
+        (log.info if isinstance(error, StoppedWhileWaiting) else log.error)("%s", error.message)
         code = exit_code_for_error(error)
     sys.exit(code)
 

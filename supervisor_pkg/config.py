@@ -59,6 +59,22 @@ def _lineage_name(variable: str, raw: str) -> str:
     return raw
 
 
+def _optional_path(variable: str, raw: str) -> str | None:
+    if raw == "":
+        return None
+    return _path(variable, raw)
+
+
+def _path_list(variable: str, raw: str) -> tuple[str, ...]:
+    paths = tuple(part for part in raw.split(":") if part)
+    for part in paths:
+        if not part.startswith("/") or "/../" in part + "/":
+            raise ConfigError(f"{variable}={raw!r} is not valid: expected absolute paths separated by ':'")
+        if part.rstrip("/") in ("", "/proc", "/sys", "/dev"):
+            raise ConfigError(f"{variable}={raw!r} is not valid: {part} cannot be carried")
+    return tuple(part.rstrip("/") for part in paths)
+
+
 def _positive_int(variable: str, raw: str) -> int:
     try:
         value = int(raw.strip())
@@ -76,6 +92,13 @@ def _seconds(variable: str, raw: str) -> float:
         value = -1.0
     if not value >= 0 or value == float("inf"):
         raise ConfigError(f"{variable}={raw!r} is not valid: expected a number of seconds >= 0")
+    return value
+
+
+def _positive_seconds(variable: str, raw: str) -> float:
+    value = _seconds(variable, raw)
+    if value <= 0:
+        raise ConfigError(f"{variable}={raw!r} is not valid: expected a number of seconds > 0")
     return value
 
 
@@ -111,6 +134,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_KEEP", "2", _positive_int, "How many complete generations to keep."),
     Setting("CKPT_CRIU_LOG_LEVEL", "4", _choice("0", "1", "2", "3", "4"),
             "CRIU's own log verbosity (4 is the most detailed)."),
+    Setting("CKPT_LEASE_INTERVAL", "5", _positive_seconds,
+            "Seconds between heartbeats of the running instance's lease on its lineage."),
+    Setting("CKPT_LEASE_TIMEOUT", "30", _positive_seconds,
+            "Seconds without a heartbeat after which a lease is taken over (its holder died)."),
+    Setting("CKPT_HANDOFF_TIMEOUT", "300", _seconds,
+            "Seconds a new instance waits for the live lease holder's final checkpoint before exiting 5."),
+    Setting("CKPT_SIGNING_KEY_FILE", "", _optional_path,
+            "A file (e.g. a Docker/Kubernetes secret) with the HMAC-SHA256 key that signs manifests; "
+            "restore then refuses unsigned or wrongly signed generations."),
+    Setting("CKPT_STATE_PATHS", "", _path_list,
+            "Extra paths in the container's writable layer to carry inside each checkpoint, ':'-separated."),
 )
 
 
@@ -124,6 +158,11 @@ class Config:
     log_level: str
     keep: int
     criu_log_level: str
+    lease_interval: float
+    lease_timeout: float
+    handoff_timeout: float
+    signing_key_file: str | None
+    state_paths: tuple[str, ...]
 
     @property
     def lineage_dir(self) -> str:
@@ -140,10 +179,15 @@ def load(environ: Mapping[str, str], flags: Mapping[str, str | None] | None = No
         if raw is None:
             raw = environ.get(setting.variable)
             source = setting.variable
-        if raw is None or raw == "":
+        if raw is None or (raw == "" and setting.default != ""):
             raw, source = setting.default, setting.variable
         label = f"{setting.flag} ({setting.variable})" if source.startswith("--") else setting.variable
         values[setting.field] = setting.parse(label, raw)
+    if values["lease_timeout"] < 2 * values["lease_interval"]:
+        raise ConfigError(
+            f"CKPT_LEASE_TIMEOUT={values['lease_timeout']:g} is not valid: it must be at least twice "
+            f"CKPT_LEASE_INTERVAL ({values['lease_interval']:g}), or a slow beat looks like a dead holder"
+        )
     return Config(**values)
 
 

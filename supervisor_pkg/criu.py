@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 import re
+import stat
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,9 @@ from typing import Any
 from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed
 
 CRIU_BINARY = "criu"
+# Deleted-but-open files are copied into the checkpoint (ghost files) up to this
+# size each; CRIU's default of 1 MiB is too small for real apps' temp files.
+GHOST_LIMIT = 256 << 20
 
 
 def _pycriu() -> Any:
@@ -79,6 +83,7 @@ def _new_client(images_fd: int, work_fd: int, log_name: str, log_level: int) -> 
     client.opts.work_dir_fd = work_fd
     client.opts.log_file = log_name
     client.opts.log_level = log_level
+    client.opts.ghost_limit = GHOST_LIMIT
     return client
 
 
@@ -109,6 +114,7 @@ def dump(
                 errno=getattr(error, "errno", None),
                 log_path=log_path,
             ) from error
+    _private(log_dir)
     return DumpResult(seconds=time.monotonic() - started, log_path=log_path)
 
 
@@ -152,7 +158,32 @@ def restore(
     finally:
         for fd in dups:
             os.close(fd)
+        _private(log_dir)
     return int(response.pid)
+
+
+def opened_files(images_dir: str) -> list[tuple[str, bool]]:
+    """(path, opened-for-writing) of every regular file CRIU recorded in a dump."""
+    images = _pycriu().images
+    try:
+        with open(os.path.join(images_dir, "files.img"), "rb") as handle:
+            entries = images.load(handle)["entries"]
+    except Exception as error:  # OSError, or any of pycriu's decoding errors
+        raise DumpFailed(f"cannot read the dump's file list: {error}") from error
+    found = []
+    for entry in entries:
+        regular = entry.get("reg")
+        # Not every entry has "size" (CRIU omits it e.g. for O_APPEND files): go by mode.
+        if entry.get("type") == "REG" and regular and stat.S_ISREG(regular.get("mode", 0)):
+            found.append((regular["name"], bool(regular.get("flags", 0) & (os.O_WRONLY | os.O_RDWR))))
+    return found
+
+
+def _private(log_dir: str) -> None:
+    """CRIU writes its logs and stats 0644; they describe the app, so keep them 0600."""
+    for name in os.listdir(log_dir):
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.join(log_dir, name), 0o600)
 
 
 def _set_tcp(opts: Any, tcp: str) -> None:
@@ -196,18 +227,34 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
 )
 
 
+# Errors CRIU logs on every run on hosts like ours, which never explain a failure.
+_HARMLESS = (r"tun: Unable to create tun", r"Can't setup RLIMIT_NOFILE", r"RLIMIT_NOFILE")
+
+
 def explain(log_path: str, error: BaseException | None = None) -> str:
-    """One readable line: the first CRIU error in the log, its likely cause and fix."""
+    """One readable line: the CRIU error that explains the failure, its likely cause and fix.
+
+    The first error line with a known cause wins; otherwise the first error line
+    that is not known noise; otherwise pycriu's own message.
+    """
     try:
         with open(log_path, errors="replace") as log:
             lines = log.read().splitlines()
     except OSError:
         lines = []
-    errors = [line for line in lines if "Error (" in line or "Error:" in line]
-    first = errors[0] if errors else (str(error) if error else "CRIU gave no reason")
-    first = re.sub(r"^\(\s*[\d.]+\)\s*", "", first).strip()
-    haystack = "\n".join(errors) or first
+    errors = [
+        re.sub(r"^\(\s*[\d.]+\)\s*", "", line).strip()
+        for line in lines
+        if ("Error (" in line or "Error:" in line) and not any(re.search(h, line) for h in _HARMLESS)
+    ]
+    for line in errors:
+        for pattern, advice in _KNOWN_FAILURES:
+            if re.search(pattern, line):
+                return f"{line} -> {advice}"
+    if errors:
+        return errors[0]
+    fallback = str(error) if error else "CRIU gave no reason"
     for pattern, advice in _KNOWN_FAILURES:
-        if re.search(pattern, haystack):
-            return f"{first} -> {advice}"
-    return first
+        if re.search(pattern, fallback):
+            return f"{fallback} -> {advice}"
+    return fallback

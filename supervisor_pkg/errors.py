@@ -6,6 +6,9 @@
     ├── CommandNotExecutable        CMD exists but cannot be run (exit 126)
     ├── EnvironmentProblem          CRIU/pycriu missing, volume unusable (exit 4)
     ├── RestoreRequired             CKPT_RESTORE=require and nothing restorable (exit 3)
+    ├── LeaseHeld                   another live instance owns the lineage (exit 5)
+    │   └── StoppedWhileWaiting     asked to stop while waiting for it (exit 0)
+    ├── LeaseLost                   our lease was taken over: we are fenced
     ├── CriuError                   CRIU said no; carries errno and log path
     │   ├── DumpFailed
     │   └── RestoreFailed
@@ -41,6 +44,18 @@ class EnvironmentProblem(SupervisorError):
 
 
 class RestoreRequired(SupervisorError):
+    pass
+
+
+class LeaseHeld(SupervisorError):
+    pass
+
+
+class StoppedWhileWaiting(LeaseHeld):
+    pass
+
+
+class LeaseLost(SupervisorError):
     pass
 
 

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -38,10 +39,10 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from supervisor_pkg.errors import StoreError, VerificationFailed
+from supervisor_pkg.errors import ConfigError, StoreError, VerificationFailed
 
 MANIFEST = "manifest.json"
 CLAIM = "claim.json"
@@ -162,6 +163,27 @@ def _describe_os_error(error: OSError, path: str) -> str:
     return f"I/O error on the checkpoint volume ({path}): {error.strerror}"
 
 
+def read_signing_key(path: str | None) -> bytes | None:
+    """The HMAC key from CKPT_SIGNING_KEY_FILE (a mounted secret). Never logged, never on the volume."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise ConfigError(f"CKPT_SIGNING_KEY_FILE={path!r} cannot be read: {error.strerror}") from error
+    if len(key) < 16:
+        raise ConfigError(f"CKPT_SIGNING_KEY_FILE={path!r} holds {len(key)} bytes: use a key of at least 16 bytes")
+    return key
+
+
+def sign(manifest: dict[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 over the canonical JSON of the manifest without its signature."""
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
+    canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+
+
 class Staging:
     """A generation being written. Never restored until `Store.publish`."""
 
@@ -170,10 +192,11 @@ class Staging:
 
 
 class Store:
-    def __init__(self, root: str, name: str, keep: int = 2) -> None:
+    def __init__(self, root: str, name: str, keep: int = 2, signing_key: bytes | None = None) -> None:
         self.root = root
         self.name = name
         self.keep = keep
+        self.signing_key = signing_key
         self.lineage = os.path.join(root, name)
         self.logs = os.path.join(self.lineage, "logs")
 
@@ -236,8 +259,14 @@ class Store:
     def discard(self, staging: Staging) -> None:
         shutil.rmtree(staging.path, ignore_errors=True)
 
-    def publish(self, staging: Staging, metadata: dict[str, Any]) -> Generation:
-        """Hash+fsync every file, write the manifest, rename into place, move the pointer."""
+    def publish(
+        self, staging: Staging, metadata: dict[str, Any], before_rename: Callable[[], None] | None = None
+    ) -> Generation:
+        """Hash+fsync every file, write the manifest, rename into place, move the pointer.
+
+        `before_rename` is the fencing check (do we still hold the lease?); if it
+        raises, nothing is published and the staging directory is removed.
+        """
         try:
             files = self._hash_tree(staging.path)
             number = self.newest_number() + 1
@@ -253,8 +282,12 @@ class Store:
             }
             while True:
                 manifest["generation"] = number
+                if self.signing_key is not None:
+                    manifest["signature"] = {"algorithm": "hmac-sha256", "value": sign(manifest, self.signing_key)}
                 _write_json_atomically(os.path.join(staging.path, MANIFEST), manifest)
                 _fsync_path(staging.path, directory=True)
+                if before_rename is not None:
+                    before_rename()
                 target = os.path.join(self.lineage, generation_name(number))
                 try:
                     os.rename(staging.path, target)
@@ -269,6 +302,9 @@ class Store:
         except OSError as error:
             self.discard(staging)
             raise StoreError(_describe_os_error(error, staging.path)) from error
+        except BaseException:
+            self.discard(staging)
+            raise
         return Generation(number, target)
 
     def _write_pointer(self, number: int) -> None:
@@ -305,6 +341,7 @@ class Store:
             manifest = generation.read_json(MANIFEST)
         except (OSError, ValueError) as error:
             raise VerificationFailed(f"{generation.name}: manifest unreadable: {error}") from error
+        self._check_signature(generation, manifest)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest.get('format_version')!r}")
         if manifest.get("generation") != generation.number:
@@ -325,6 +362,22 @@ class Store:
         for name, expected in files.items():
             self._verify_file(generation, name, expected)
         return manifest
+
+    def _check_signature(self, generation: Generation, manifest: dict[str, Any]) -> None:
+        if self.signing_key is None:
+            return
+        signature = manifest.get("signature")
+        if not isinstance(signature, dict) or signature.get("algorithm") != "hmac-sha256":
+            raise VerificationFailed(f"{generation.name}: the manifest is not signed, and CKPT_SIGNING_KEY_FILE is set")
+        if not hmac.compare_digest(str(signature.get("value", "")), sign(manifest, self.signing_key)):
+            raise VerificationFailed(f"{generation.name}: the manifest's signature is wrong (tampered, or another key)")
+
+    def free_bytes(self) -> int | None:
+        try:
+            info = os.statvfs(self.lineage)
+        except OSError:
+            return None
+        return info.f_bavail * info.f_frsize
 
     @staticmethod
     def _check_criu_version(generation: Generation, dumped: str, local: str) -> None:
@@ -373,6 +426,12 @@ class Store:
             os.fsync(handle.fileno())
         return True
 
+    def mark_restored(self, generation: Generation) -> None:
+        """The claim's restore finished: the generation may be pruned from now on."""
+        with contextlib.suppress(OSError, ValueError):
+            claim = generation.read_json(CLAIM)
+            _write_json_atomically(os.path.join(generation.path, CLAIM), {**claim, "restored": time.time()})
+
     def reject(self, generation: Generation, reason: str) -> None:
         """Record on the volume why this generation must never be restored."""
         with contextlib.suppress(OSError):
@@ -392,12 +451,23 @@ class Store:
                 usable += 1
                 if usable <= keep:
                     continue
-            if generation.number in protect:
+            if generation.number in protect or self._restore_in_progress(generation):
                 continue
             shutil.rmtree(generation.path, ignore_errors=True)
             removed.append(generation.name)
         removed += self.clean_stale_staging()
         return removed
+
+    @staticmethod
+    def _restore_in_progress(generation: Generation, window: float = 600.0) -> bool:
+        """Claimed, neither finished nor rejected, and recent: CRIU may still be reading it."""
+        if generation.rejected:
+            return False
+        try:
+            claim = generation.read_json(CLAIM)
+        except (OSError, ValueError):
+            return False
+        return not claim.get("restored") and time.time() - float(claim.get("time", 0)) < window
 
     def clean_stale_staging(self, older_than: float = 3600.0) -> list[str]:
         """Remove staging dirs of crashed writers; skip NFS silly-rename files (.nfsXXXX)."""

@@ -3,9 +3,10 @@
 States and the only transitions allowed (asserted, as supervisord does):
 
     STARTING ──> RESTORING ──> RUNNING ──> CHECKPOINTING ──> CHECKPOINTED ──> EXITING
-        │            │            │              │
-        └──> COLD_START ──> RUNNING              └──> FAILED ──> STOPPING ──> EXITING
-                                  └──────────────────────────────────────────> EXITING
+        │            │            │  │           │
+        └──> COLD_START ──> RUNNING  │           └──> FAILED ──> STOPPING ──> EXITING
+                                     ├──> STOPPING (lease lost: fenced) ──> EXITING
+                                     └──────────────────────────────────────> EXITING
 
 Signal handlers only record (see signals.py); this loop takes the records in
 order and acts, so a checkpoint signal that arrives during start-up or a
@@ -22,17 +23,19 @@ import signal
 import time
 from typing import Any
 
-from supervisor_pkg import criu, launcher
+from supervisor_pkg import carried, criu, launcher
 from supervisor_pkg.config import Config
 from supervisor_pkg.errors import (
     CriuError,
+    LeaseLost,
     RestoreFailed,
     RestoreRequired,
     StoreError,
     VerificationFailed,
 )
+from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import Generation, Store
+from supervisor_pkg.store import Generation, Store, identity, read_signing_key
 
 log = logging.getLogger("criu-supervisor")
 
@@ -41,6 +44,8 @@ FORWARDED_SIGNALS = frozenset(
     {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH}
 )
 _STDIO_FDS = (0, 1, 2)
+LEASE_LOST = "lease-lost"
+_STARTED_AT = time.time()
 
 
 class State(enum.Enum):
@@ -59,7 +64,7 @@ _TRANSITIONS: dict[State, set[State]] = {
     State.STARTING: {State.RESTORING, State.COLD_START, State.EXITING},
     State.RESTORING: {State.RUNNING, State.COLD_START, State.EXITING},
     State.COLD_START: {State.RUNNING, State.EXITING},
-    State.RUNNING: {State.CHECKPOINTING, State.EXITING},
+    State.RUNNING: {State.CHECKPOINTING, State.STOPPING, State.EXITING},
     State.CHECKPOINTING: {State.CHECKPOINTED, State.FAILED},
     State.CHECKPOINTED: {State.EXITING},
     State.FAILED: {State.STOPPING},
@@ -79,20 +84,57 @@ class Supervisor:
         self.config = config
         self.command = command
         self.receiver = receiver
-        self.store = store or Store(config.dir, config.name, keep=config.keep)
+        self.store = store or Store(
+            config.dir, config.name, keep=config.keep, signing_key=read_signing_key(config.signing_key_file)
+        )
         self.state = State.STARTING
         self.app_pid: int | None = None
         self.app_status: int | None = None
         self.exit_code: int | None = None
         self.restored_from: Generation | None = None
+        self.carried_paths: list[str] = []
+        self.lease: Lease | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.volume_problem = "the checkpoint volume is unusable"
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
         launcher.become_subreaper()
-        self.start()
-        self.supervise()
+        try:
+            self.take_lease()
+            self.start()
+            self.supervise()
+        finally:
+            self.release_lease()
         assert self.exit_code is not None
         return self.exit_code
+
+    def take_lease(self) -> None:
+        """Own the lineage before touching it: wait for a handoff, or take over a dead holder's lease."""
+        try:
+            self.store.open()
+        except StoreError as error:
+            self.volume_problem = error.message
+            log.warning("running without a lease, and checkpoints will fail: %s", error.message)
+            return
+        self.lease = Lease(
+            self.store.lineage, identity(), interval=self.config.lease_interval, timeout=self.config.lease_timeout
+        )
+        how = self.lease.acquire(self.config.handoff_timeout, self._stop_requested_within)
+        log.info("took the lease on %s (%s)", self.store.lineage, how)
+        self.heartbeat = Heartbeat(self.lease, on_lost=lambda reason: self.receiver.post(LEASE_LOST))
+        self.heartbeat.start()
+
+    def _stop_requested_within(self, seconds: float) -> bool:
+        """While waiting for a lease there is no app: a stop request just ends the wait."""
+        events = self.receiver.wait(timeout=seconds)
+        return any(event in (self.config.signal, signal.SIGTERM, signal.SIGINT) for event in events)
+
+    def release_lease(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.lease is not None:
+            self.lease.release()
 
     def start(self) -> None:
         """Restore the newest valid checkpoint, or start CMD fresh; log which and why."""
@@ -124,10 +166,8 @@ class Supervisor:
     # --- start-up ---------------------------------------------------------------
     def _try_restore(self) -> str:
         """Restore into self.app_pid if possible; otherwise return why we start fresh."""
-        try:
-            self.store.open()
-        except StoreError as error:
-            return f"checkpoint volume unusable: {error.message}"
+        if self.lease is None:
+            return self.volume_problem
         generations = self.store.generations()
         if not generations:
             return f"no checkpoint in {self.store.lineage}"
@@ -153,6 +193,7 @@ class Supervisor:
                 break
             try:
                 self._restore(generation, manifest)
+                self.store.mark_restored(generation)
             except RestoreFailed as error:
                 log.error("%s", error.message)
                 self.store.reject(generation, error.message)
@@ -164,6 +205,12 @@ class Supervisor:
 
     def _restore(self, generation: Generation, manifest: dict[str, Any]) -> None:
         started = time.monotonic()
+        if carried.ARCHIVE in manifest.get("files", {}):
+            try:
+                self.carried_paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}")
+            except (OSError, ValueError) as error:
+                raise RestoreFailed(f"restore failed: cannot put back the carried files: {error}") from error
+            log.info("put back %d carried file(s) from the container's writable layer", len(self.carried_paths))
         inherit = self._inherit_map(manifest.get("app", {}).get("stdio", {}))
         log_name = f"restore-{generation.name}-{_stamp()}.log"
         self.app_pid = criu.restore(
@@ -196,6 +243,9 @@ class Supervisor:
     def _handle(self, event: int | str) -> None:
         if event == signal.SIGCHLD:
             return  # reaped right after
+        if event == LEASE_LOST:
+            self._fenced()
+            return
         if event == self.config.signal:
             if self.state is State.RUNNING:
                 self._checkpoint_and_exit()
@@ -228,6 +278,15 @@ class Supervisor:
             else:
                 log.debug("reaped orphan %d (status %d)", pid, status)
 
+    def _fenced(self) -> None:
+        """Another instance took our lineage over: two copies must never run, so stop ours."""
+        if self.state is not State.RUNNING:
+            return
+        log.error("the lease on %s was taken over by another instance; stopping the app so that two "
+                  "copies never run (is CKPT_LEASE_TIMEOUT too short for this volume?)", self.store.lineage)
+        self._transition(State.STOPPING)
+        self._forward(signal.SIGTERM)
+
     def _app_exited(self) -> None:
         assert self.app_status is not None
         code = exit_code_for(self.app_status)
@@ -241,7 +300,7 @@ class Supervisor:
         started = time.monotonic()
         try:
             generation = self.checkpoint(final=True)
-        except (CriuError, StoreError) as error:
+        except (CriuError, StoreError, LeaseLost) as error:
             self._transition(State.FAILED)
             log.error("%s", error.message)
             log.warning("falling back to the app's own graceful stop: sending it SIGTERM")
@@ -250,6 +309,7 @@ class Supervisor:
             return
         self._transition(State.CHECKPOINTED)
         log.info("final checkpoint %s published in %.2f s; exiting 0", generation.name, time.monotonic() - started)
+        self.release_lease()  # now a replacement may take the lineage and restore it
         self._wait_for_app()
         self._transition(State.EXITING)
         self.exit_code = 0
@@ -259,24 +319,43 @@ class Supervisor:
         assert self.app_pid is not None
         stdio = self._stdio_of(self.app_pid)
         log_name = f"dump-{_stamp()}.log"
+        if self.lease is None:
+            raise StoreError(f"checkpoint impossible: {self.volume_problem}")
+        self.lease.check()
         with self.store.staging() as staging:
             result = criu.dump(
                 self.app_pid, staging.path, self.store.logs, log_name,
                 leave_running=not final, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
             )
+            carried_count = self._carry_files(staging.path)
             generation = self.store.publish(
                 staging,
                 {
                     "criu_version": criu.version(),
-                    "stats": {"dump_seconds": round(result.seconds, 4), "final": final},
+                    "stats": {"dump_seconds": round(result.seconds, 4), "final": final,
+                              "carried_files": carried_count},
                     "app": {"stdio": stdio},
                     "restored_from": self.restored_from.name if self.restored_from else None,
                 },
+                before_rename=self.lease.check,
             )
         removed = self.store.prune(protect={generation.number})
         if removed:
             log.debug("pruned %s", ", ".join(removed))
         return generation
+
+    def _carry_files(self, images_dir: str) -> int:
+        """Pack the app's files from the writable layer into the generation (see carried.py)."""
+        opened = [carried.OpenFile(path, writable) for path, writable in criu.opened_files(images_dir)]
+        paths = carried.select(opened, self.config.state_paths, self.carried_paths,
+                               exclude=[self.config.dir], since=_STARTED_AT)
+        if paths or self.config.state_paths:
+            try:
+                carried.archive(paths, self.config.state_paths, f"{images_dir}/{carried.ARCHIVE}")
+            except OSError as error:
+                raise StoreError(f"cannot carry the app's files: {error}") from error
+            log.info("carrying %d file(s) from the container's writable layer", len(paths))
+        return len(paths)
 
     @staticmethod
     def _stdio_of(pid: int) -> dict[str, str]:

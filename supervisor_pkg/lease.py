@@ -1,0 +1,218 @@
+"""The lease on a lineage: one running instance per app, handed over on purpose.
+
+    CKPT_DIR/<CKPT_NAME>/lease.json     {"owner": token, "host", "container_id", "beat", ...}
+
+- Acquire: O_CREAT|O_EXCL of lease.json (atomic on NFSv3+). Whoever creates it
+  owns the lineage.
+- Heartbeat: every `interval` the owner checks the file still names its token,
+  then rewrites it (tmp -> rename) with `beat` + 1. If somebody else's token is
+  there, the lease was taken over: the owner is fenced and must stop its app.
+- Release: the owner unlinks it after publishing its final checkpoint (or when
+  its app exits). A waiting replacement then acquires it and restores.
+- Expiry: a lease whose content has not changed for `timeout` seconds, as timed
+  by the *waiter's own* monotonic clock, belongs to a dead instance. Judging by
+  observed change rather than by the writer's timestamps makes hosts' clock
+  skew irrelevant. The taker renames the stale file away (only one rename of a
+  given file can succeed) and then acquires with O_EXCL.
+
+flock() would be a hint at best on NFS (local-only or a no-op on some mounts),
+so it is not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from supervisor_pkg.errors import LeaseHeld, LeaseLost, StoppedWhileWaiting, StoreError
+
+LEASE_FILE = "lease.json"
+log = logging.getLogger("criu-supervisor")
+
+
+class Lease:
+    def __init__(self, lineage: str, identity: dict[str, Any], interval: float, timeout: float) -> None:
+        self.path = os.path.join(lineage, LEASE_FILE)
+        self.identity = identity
+        self.interval = interval
+        self.timeout = timeout
+        self.token = secrets.token_hex(16)
+        self.beat = 0
+        self.held = False
+        self._lock = threading.Lock()
+
+    # --- reading --------------------------------------------------------------
+    def read(self) -> dict[str, Any] | None:
+        try:
+            with open(self.path) as handle:
+                data = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"unreadable": True}
+        return data if isinstance(data, dict) else {"unreadable": True}
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "owner": self.token,
+            **self.identity,
+            "pid": os.getpid(),
+            "beat": self.beat,
+            "time": time.time(),
+            "interval": self.interval,
+            "timeout": self.timeout,
+        }
+
+    # --- acquiring --------------------------------------------------------------
+    def try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self._record(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.held = True
+        return True
+
+    def acquire(self, handoff_timeout: float, should_stop: Callable[[float], bool]) -> str:
+        """Take the lease, waiting for a handoff or an expiry. Returns how it was taken.
+
+        `should_stop(seconds)` sleeps up to `seconds` and returns True if the
+        supervisor was asked to stop meanwhile (then LeaseHeld is raised).
+        """
+        deadline = time.monotonic() + handoff_timeout
+        observed: str | None = None
+        observed_since = time.monotonic()
+        announced = False
+        while True:
+            try:
+                if self.try_create():
+                    return "released by its previous holder" if announced else "free"
+            except OSError as error:
+                raise StoreError(f"cannot create the lease {self.path}: {error.strerror}") from error
+            current = self.read()
+            if current is None:
+                continue  # released between our create and our read: try again at once
+            if self._is_previous_life_of_this_container(current):
+                self._take_over()
+                return "left by an earlier run of this same container"
+            content = json.dumps(current, sort_keys=True)
+            now = time.monotonic()
+            if content != observed:
+                observed, observed_since = content, now
+            elif now - observed_since >= self.timeout:
+                log.warning(
+                    "lease of host %s container %s has not beaten for %.0f s (CKPT_LEASE_TIMEOUT); taking over",
+                    current.get("host"), _short(current.get("container_id")), now - observed_since,
+                )
+                self._take_over()
+                return "expired"
+            if not announced:
+                log.info(
+                    "another instance holds the lease (host %s, container %s); waiting up to %.0f s "
+                    "(CKPT_HANDOFF_TIMEOUT) for its final checkpoint", current.get("host"),
+                    _short(current.get("container_id")), handoff_timeout,
+                )
+                announced = True
+            if now >= deadline:
+                raise LeaseHeld(
+                    f"the lineage is still leased by host {current.get('host')} container "
+                    f"{_short(current.get('container_id'))} after {handoff_timeout:.0f} s (CKPT_HANDOFF_TIMEOUT): "
+                    "another instance is running this app; give each replica its own CKPT_NAME"
+                )
+            if should_stop(min(1.0, max(0.05, self.interval / 2))):
+                raise StoppedWhileWaiting("stopped while waiting for the lease; nothing was running, nothing to checkpoint")
+
+    def _is_previous_life_of_this_container(self, current: dict[str, Any]) -> bool:
+        mine = self.identity.get("container_id")
+        return bool(mine) and current.get("container_id") == mine and current.get("host") == self.identity.get("host")
+
+    def _take_over(self) -> None:
+        stale = f"{self.path}.stale-{secrets.token_hex(4)}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.path, stale)  # only one taker's rename of this file succeeds
+            os.unlink(stale)
+        if not self.try_create():
+            raise LeaseHeld("another instance took over the expired lease at the same moment")
+
+    # --- holding ----------------------------------------------------------------
+    def renew(self) -> None:
+        """Beat once. Raises LeaseLost if somebody else now owns the lease."""
+        with self._lock:
+            if not self.held:
+                return
+            current = self.read()
+            if current is None or current.get("owner") != self.token:
+                self.held = False
+                holder = current or {}
+                raise LeaseLost(
+                    f"the lease was taken over by host {holder.get('host')} container "
+                    f"{_short(holder.get('container_id'))}"
+                )
+            self.beat += 1
+            temporary = f"{self.path}.tmp-{secrets.token_hex(4)}"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self._record(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.rename(temporary, self.path)
+
+    def check(self) -> None:
+        """Fencing before publishing: raise LeaseLost unless we still own it."""
+        current = self.read()
+        if not self.held or current is None or current.get("owner") != self.token:
+            self.held = False
+            raise LeaseLost("the lease is no longer ours; not publishing a checkpoint over the new holder's")
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.held:
+                return
+            current = self.read()
+            if current is not None and current.get("owner") == self.token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            self.held = False
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every interval; reports loss through `on_lost`, once."""
+
+    def __init__(self, lease: Lease, on_lost: Callable[[str], None]) -> None:
+        super().__init__(name="lease-heartbeat", daemon=True)
+        self.lease = lease
+        self.on_lost = on_lost
+        self._stop_event = threading.Event()
+        self._failing = False
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.lease.interval):
+            try:
+                self.lease.renew()
+                if self._failing:
+                    log.info("lease heartbeat works again")
+                    self._failing = False
+            except LeaseLost as error:
+                self.on_lost(error.message)
+                return
+            except OSError as error:
+                if not self._failing:  # log once per state change, not once per beat
+                    log.warning("cannot renew the lease (%s); retrying every %.0f s", error.strerror, self.lease.interval)
+                    self._failing = True
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _short(container_id: object) -> str:
+    return str(container_id)[:12] if container_id else "?"
