@@ -104,15 +104,38 @@ def run(command: tuple[str, ...], **flags: str | None) -> None:
     sys.exit(code)
 
 
-def _open_store(flags: dict[str, str | None]) -> Any:
-    from supervisor_pkg.store import Store
+def _open_store_or_exit(flags: dict[str, str | None]) -> Any:
+    """The lineage named by flags/environment, with the signing key; one line and exit 2 if misconfigured."""
+    from supervisor_pkg.store import Store, read_signing_key
 
-    config = load(os.environ, flags)
-    return Store(config.dir, config.name, keep=config.keep)
+    try:
+        config = load(os.environ, flags)
+        return Store(config.dir, config.name, keep=config.keep, signing_key=read_signing_key(config.signing_key_file))
+    except SupervisorError as error:
+        click.echo(f"criu-supervisor: {error.message}", err=True)
+        sys.exit(exit_code_for_error(error))
 
 
 def _echo(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+def _describe(generation: Any) -> dict[str, Any]:
+    """One row of `list`: state (complete, claimed, rejected, corrupt), time, size, source, duration."""
+    row: dict[str, Any] = {"generation": generation.number, "name": generation.name}
+    try:
+        manifest = generation.read_json("manifest.json")
+        files = manifest.get("files") or {}
+        row.update(
+            created=manifest.get("created"),
+            size=sum(f.get("size", 0) for f in files.values() if isinstance(f, dict)),
+            host=(manifest.get("source") or {}).get("host"),
+            dump_seconds=(manifest.get("stats") or {}).get("dump_seconds"),
+            state="rejected" if generation.rejected else "claimed" if generation.claimed else "complete",
+        )
+    except (OSError, ValueError, AttributeError):
+        row["state"] = "corrupt"
+    return row
 
 
 @main.command("list")
@@ -121,26 +144,7 @@ def _echo(data: Any, as_json: bool, text: str) -> None:
 @click.option("--name", "name", default=None, help="CKPT_NAME")
 def list_command(as_json: bool, **flags: str | None) -> None:
     """List the generations of this app's lineage."""
-    try:
-        store = _open_store(flags)
-        rows = []
-        for generation in store.generations():
-            row: dict[str, Any] = {"generation": generation.number, "name": generation.name}
-            try:
-                manifest = generation.read_json("manifest.json")
-                row.update(
-                    created=manifest.get("created"),
-                    size=sum(f.get("size", 0) for f in manifest.get("files", {}).values()),
-                    host=(manifest.get("source") or {}).get("host"),
-                    dump_seconds=(manifest.get("stats") or {}).get("dump_seconds"),
-                )
-            except (OSError, ValueError):
-                row["state"] = "corrupt"
-            row.setdefault("state", "rejected" if generation.rejected else "claimed" if generation.claimed else "complete")
-            rows.append(row)
-    except SupervisorError as error:
-        click.echo(f"criu-supervisor: {error.message}", err=True)
-        sys.exit(exit_code_for_error(error))
+    rows = [_describe(generation) for generation in _open_store_or_exit(flags).generations()]
     lines = [f"{r['name']}  {r['state']:9} {r.get('created') or '-':21} {r.get('size', 0):>12} B  "
              f"{r.get('host') or '-'}" for r in rows]
     _echo(rows, as_json, "\n".join(lines) or "no generations")
@@ -156,15 +160,15 @@ def verify(generation: int | None, as_json: bool, **flags: str | None) -> None:
     from supervisor_pkg import criu
     from supervisor_pkg.errors import VerificationFailed
 
-    store = _open_store(flags)
+    store = _open_store_or_exit(flags)
+    try:
+        local: str | None = criu.version()
+    except SupervisorError:
+        local = None  # outside the image: integrity and signature only
     results = []
     for candidate in store.generations():
         if generation is not None and candidate.number != generation:
             continue
-        try:
-            local = criu.version()
-        except SupervisorError:
-            local = None
         try:
             store.verify(candidate, local)
             results.append({"generation": candidate.number, "ok": True})
@@ -183,5 +187,5 @@ def verify(generation: int | None, as_json: bool, **flags: str | None) -> None:
 @click.option("--name", "name", default=None, help="CKPT_NAME")
 def prune(keep: int, as_json: bool, **flags: str | None) -> None:
     """Delete all but the newest KEEP complete generations."""
-    removed = _open_store(flags).prune(keep=keep)
+    removed = _open_store_or_exit(flags).prune(keep=keep)
     _echo({"removed": removed}, as_json, "\n".join(f"removed {name}" for name in removed) or "nothing to remove")

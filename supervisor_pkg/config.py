@@ -51,7 +51,7 @@ def _path(variable: str, raw: str) -> str:
 
 
 def _lineage_name(variable: str, raw: str) -> str:
-    if not _NAME_PATTERN.match(raw):
+    if not _NAME_PATTERN.fullmatch(raw):
         raise ConfigError(
             f"{variable}={raw!r} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

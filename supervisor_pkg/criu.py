@@ -93,17 +93,22 @@ def dump(
     log_dir: str,
     log_name: str,
     *,
-    leave_running: bool,
     tcp: str,
     log_level: int = 4,
 ) -> DumpResult:
-    """Checkpoint the tree rooted at `pid` into `images_dir`."""
+    """Checkpoint the tree rooted at `pid` into `images_dir`, and leave it STOPPED.
+
+    The caller decides what happens next: kill the tree once the checkpoint is
+    safely published (a final checkpoint), or SIGCONT it (a leave-running one,
+    or any failure). Were CRIU to kill the tree itself, a failure after the
+    dump (volume full while publishing, the lease lost) would lose the app.
+    """
     log_path = os.path.join(log_dir, log_name)
     pycriu = _pycriu()
     with _directory_fd(images_dir) as images_fd, _directory_fd(log_dir) as work_fd:
         client = _new_client(images_fd, work_fd, log_name, log_level)
         client.opts.pid = pid
-        client.opts.leave_running = leave_running
+        client.opts.leave_stopped = True
         _set_tcp(client.opts, tcp)
         started = time.monotonic()
         try:
@@ -114,7 +119,8 @@ def dump(
                 errno=getattr(error, "errno", None),
                 log_path=log_path,
             ) from error
-    _private(log_dir)
+        finally:
+            _private(log_dir)
     return DumpResult(seconds=time.monotonic() - started, log_path=log_path)
 
 
@@ -209,7 +215,7 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
      "the app's session leader is outside its PID namespace; start it through criu-supervisor run"),
     (r"Connected TCP socket|consider using --tcp-established",
      "the app has established TCP connections; set CKPT_TCP=close or CKPT_TCP=established"),
-    (r"tty|pty|Can't dump.*terminal",
+    (r"\b(tty|pty|ptmx)\b|Can't dump.*terminal",
      "the app is attached to a terminal (docker run -t / tty: true); run without a TTY"),
     (r"timens|clock.*offset|Can't set.*time",
      "the time-namespace offset was denied; add --cap-add SYS_TIME"),

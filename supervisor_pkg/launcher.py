@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import signal
 import sys
 
 from supervisor_pkg import signals
@@ -57,6 +58,32 @@ def check_command(cmd: list[str]) -> str:
     if found is None:
         raise CommandNotFound(f"command not found in PATH: {program}")
     return found
+
+
+def namespace_members(init_pid: int) -> list[int]:
+    """Every process in the PID namespace whose init is `init_pid` (as our PIDs)."""
+    try:
+        namespace = os.readlink(f"/proc/{init_pid}/ns/pid_for_children")
+    except OSError:
+        return []
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                    members.append(int(entry))
+            except OSError:
+                continue  # exited meanwhile
+    return members
+
+
+def resume(init_pid: int) -> None:
+    """SIGCONT the whole app tree (CRIU left it stopped after a dump)."""
+    for pid in namespace_members(init_pid):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def spawn(cmd: list[str], share_ipc: bool = False) -> int:

@@ -25,8 +25,11 @@ HANDLED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
     signal.SIGWINCH,
+    signal.SIGPWR,
     signal.SIGCHLD,
 )
+# Python ignores these for itself; "ignored" survives exec, so the app must get them back.
+_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class SignalReceiver:
@@ -84,6 +87,6 @@ class SignalReceiver:
 def reset_in_child() -> None:
     """In a forked child before exec: default dispositions, no wakeup fd."""
     signal.set_wakeup_fd(-1)
-    for signum in HANDLED_SIGNALS:
+    for signum in (*HANDLED_SIGNALS, *_PYTHON_IGNORED):
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -395,6 +395,8 @@ class Store:
     def _verify_file(generation: Generation, name: str, expected: Any) -> None:
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _BOOKKEEPING:
             raise VerificationFailed(f"{generation.name}: manifest names an unsafe path {name!r}")
+        if not isinstance(expected, dict):
+            raise VerificationFailed(f"{generation.name}: manifest entry for {name} is malformed")
         path = os.path.join(generation.path, name)
         try:
             info = os.lstat(path)
@@ -420,6 +422,8 @@ class Store:
             fd = os.open(os.path.join(generation.path, CLAIM), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return False
+        except OSError as error:
+            raise StoreError(f"cannot claim {generation.name}: {_describe_os_error(error, generation.path)}") from error
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle)
             handle.flush()

@@ -122,6 +122,10 @@ class Supervisor:
         )
         how = self.lease.acquire(self.config.handoff_timeout, self._stop_requested_within)
         log.info("took the lease on %s (%s)", self.store.lineage, how)
+        # We own the lineage now: a staging dir older than a lease timeout is a crashed writer's.
+        stale = self.store.clean_stale_staging(older_than=self.config.lease_timeout)
+        if stale:
+            log.info("removed %d unfinished checkpoint(s) left by a crashed writer: %s", len(stale), ", ".join(stale))
         self.heartbeat = Heartbeat(self.lease, on_lost=lambda reason: self.receiver.post(LEASE_LOST))
         self.heartbeat.start()
 
@@ -187,7 +191,13 @@ class Supervisor:
                 self.store.reject(generation, error.message)
                 reason = f"{generation.name} was refused"
                 continue
-            if not self.store.claim(generation):
+            try:
+                claimed = self.store.claim(generation)
+            except StoreError as error:
+                log.warning("%s", error.message)
+                reason = error.message
+                break
+            if not claimed:
                 log.warning("%s was claimed by another container a moment ago; not restoring it twice", generation.name)
                 reason = f"{generation.name} was claimed by another container"
                 break
@@ -256,8 +266,8 @@ class Supervisor:
             self._forward(signal.Signals(event))
 
     def _forward(self, signum: signal.Signals) -> None:
-        if self.app_pid is None:
-            return
+        if self.app_pid is None or self.app_status is not None:
+            return  # never signal a PID we reaped: it may belong to someone else now
         try:
             os.kill(self.app_pid, signum)
             log.debug("forwarded %s to the app", signum.name)
@@ -315,30 +325,48 @@ class Supervisor:
         self.exit_code = 0
 
     def checkpoint(self, final: bool) -> Generation:
-        """Dump the app into a staging generation, then publish it atomically."""
+        """Dump the app into a staging generation, then publish it atomically.
+
+        CRIU leaves the tree stopped. A final checkpoint kills it only after the
+        generation is published; a leave-running one resumes it once the carried
+        files are copied (so they match the memory image). On any failure the
+        tree is resumed, so the caller can still stop it gracefully.
+        """
         assert self.app_pid is not None
-        stdio = self._stdio_of(self.app_pid)
-        log_name = f"dump-{_stamp()}.log"
         if self.lease is None:
             raise StoreError(f"checkpoint impossible: {self.volume_problem}")
         self.lease.check()
-        with self.store.staging() as staging:
-            result = criu.dump(
-                self.app_pid, staging.path, self.store.logs, log_name,
-                leave_running=not final, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-            )
-            carried_count = self._carry_files(staging.path)
-            generation = self.store.publish(
-                staging,
-                {
-                    "criu_version": criu.version(),
-                    "stats": {"dump_seconds": round(result.seconds, 4), "final": final,
-                              "carried_files": carried_count},
-                    "app": {"stdio": stdio},
-                    "restored_from": self.restored_from.name if self.restored_from else None,
-                },
-                before_rename=self.lease.check,
-            )
+        stdio = self._stdio_of(self.app_pid)
+        log_name = f"dump-{_stamp()}.log"
+        stopped = False
+        try:
+            with self.store.staging() as staging:
+                result = criu.dump(
+                    self.app_pid, staging.path, self.store.logs, log_name,
+                    tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+                )
+                stopped = True
+                carried_count = self._carry_files(staging.path)
+                if not final:
+                    launcher.resume(self.app_pid)
+                    stopped = False
+                generation = self.store.publish(
+                    staging,
+                    {
+                        "criu_version": criu.version(),
+                        "stats": {"dump_seconds": round(result.seconds, 4), "final": final,
+                                  "carried_files": carried_count},
+                        "app": {"stdio": stdio},
+                        "restored_from": self.restored_from.name if self.restored_from else None,
+                    },
+                    before_rename=self.lease.check,
+                )
+        except BaseException:
+            if stopped:
+                launcher.resume(self.app_pid)
+            raise
+        if final:
+            os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
         removed = self.store.prune(protect={generation.number})
         if removed:
             log.debug("pruned %s", ", ".join(removed))

@@ -46,6 +46,8 @@ def test_sigkill_during_a_dump_never_publishes_a_partial_generation(engine: Dock
     assert "taking over" in logs, logs  # the dead instance's lease expired
     assert "started the app fresh (no checkpoint" in logs, logs
     assert "restored" not in logs
+    assert "removed 1 unfinished checkpoint(s) left by a crashed writer" in logs, logs
+    assert ".staging-" not in on_volume(engine, volume, "ls -a /checkpoints/default")
 
 
 def test_full_volume_publishes_nothing_and_stops_the_app_gracefully(engine: Docker) -> None:
@@ -224,3 +226,23 @@ def test_signed_generations_refuse_a_wrong_or_missing_signature(engine: Docker, 
     intruder.wait_healthy()
     assert "the manifest's signature is wrong" in intruder.logs()
     assert "restored" not in intruder.logs()
+
+
+def test_a_criu_restore_failure_is_recorded_cleaned_up_and_falls_back(engine: Docker) -> None:
+    volume = engine.volume()
+    make_generation(engine, volume, "kept")
+    # Without SYS_TIME CRIU cannot set the time namespace's clock offsets.
+    without_sys_time = ["--cap-add", "SYS_ADMIN", "--cap-add", "SYS_PTRACE", "--cap-add", "NET_ADMIN",
+                        "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"]
+    app = engine.run(KV_IMAGE, volume=volume, env=FAST_LEASE, criu_settings=False, extra=without_sys_time)
+    app.wait_healthy()
+    logs = app.logs()
+    assert re.search(r"ERROR: restore failed: .*clock offset.* -> .*add --cap-add SYS_TIME "
+                     r"\(full CRIU log: /checkpoints/default/logs/restore-gen-00000001-\S+\.log\)", logs), logs
+    assert "started the app fresh (restoring gen-00000001 failed)" in logs
+    processes = app.exec("ps", "-eo", "comm=").stdout.split()
+    assert sorted(p for p in processes if p != "ps") == ["criu-supervisor", "python3", "tini"], processes
+    rejected = json.loads(on_volume(engine, volume, "cat /checkpoints/default/gen-00000001/rejected.json"))
+    assert "SYS_TIME" in rejected["reason"]
+    missing = app.exec("python3", "-c", __import__("dockerlib").HTTP_CLIENT, "GET", "/kv/made-by", check=False)
+    assert missing.returncode == 1 and "HTTP 404" in missing.stdout  # a fresh app: the key is gone
