@@ -189,3 +189,58 @@ def prune(keep: int, as_json: bool, **flags: str | None) -> None:
     """Delete all but the newest KEEP complete generations."""
     removed = _open_store_or_exit(flags).prune(keep=keep)
     _echo({"removed": removed}, as_json, "\n".join(f"removed {name}" for name in removed) or "nothing to remove")
+
+
+def _control_call(request: dict[str, Any], socket_path: str | None) -> dict[str, Any]:
+    from supervisor_pkg import control
+
+    path = socket_path or os.environ.get("CKPT_CONTROL_SOCKET") or control.DEFAULT_SOCKET
+    try:
+        return control.call(path, request)
+    except SupervisorError as error:
+        click.echo(f"criu-supervisor: {error.message}", err=True)
+        sys.exit(EXIT_OTHER_ERROR)
+
+
+@main.command()
+@click.option("--leave-running", is_flag=True, help="Keep the app running (default: checkpoint, then stop it).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--socket", "socket_path", default=None, help="CKPT_CONTROL_SOCKET")
+def checkpoint(leave_running: bool, as_json: bool, socket_path: str | None) -> None:
+    """Ask the running supervisor for a checkpoint now (use with docker exec)."""
+    reply = _control_call({"command": "checkpoint", "leave_running": leave_running}, socket_path)
+    if reply.get("ok"):
+        text = (f"checkpoint {reply.get('generation')} published "
+                f"({reply.get('bytes', 0) / 1048576:.1f} MiB, CRIU {reply.get('seconds', 0):.2f} s)"
+                + ("; the app keeps running" if leave_running else "; the app is stopped"))
+    else:
+        text = f"checkpoint failed: {reply.get('error')}"
+    _echo(reply, as_json, text)
+    sys.exit(0 if reply.get("ok") else EXIT_OTHER_ERROR)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--socket", "socket_path", default=None, help="CKPT_CONTROL_SOCKET")
+def status(as_json: bool, socket_path: str | None) -> None:
+    """Show the running supervisor's state, app, lease, triggers and last checkpoint/restore."""
+    reply = _control_call({"command": "status"}, socket_path)
+    state = reply.get("status") or {}
+    if not reply.get("ok"):
+        click.echo(f"criu-supervisor: {reply.get('error')}", err=True)
+        sys.exit(EXIT_OTHER_ERROR)
+    lines = [
+        f"state:            {state.get('state')}",
+        f"app pids:         {' '.join(map(str, state.get('app_pids') or [])) or '-'} (root {state.get('app_pid')})",
+        f"lineage:          {state.get('lineage')}",
+        f"lease:            {'held' if (state.get('lease') or {}).get('held') else 'not held'}"
+        f" (beat {(state.get('lease') or {}).get('beat', '-')})",
+        f"triggers:         {', '.join(state.get('triggers') or []) or '-'}",
+        f"next periodic in: {state.get('next_periodic_in') if state.get('next_periodic_in') is not None else '-'}",
+    ]
+    for label, key in (("last checkpoint", "last_checkpoint"), ("last restore", "last_restore")):
+        item = state.get(key)
+        lines.append(f"{label + ':':17} " + (
+            f"{item['generation']} at {item['time']}, {item['seconds']} s, {item['bytes'] / 1048576:.1f} MiB"
+            if item else "-"))
+    _echo(state, as_json, "\n".join(lines))

@@ -75,6 +75,23 @@ def _path_list(variable: str, raw: str) -> tuple[str, ...]:
     return tuple(part.rstrip("/") for part in paths)
 
 
+TRIGGER_NAMES = ("sigterm", "control", "file", "periodic", "aws", "gcp", "azure", "auto")
+
+
+def _triggers(variable: str, raw: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip().lower() for part in raw.split(",") if part.strip()))
+    unknown = [name for name in names if name not in TRIGGER_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"{variable}={raw!r} is not valid: use a comma-separated list of {', '.join(TRIGGER_NAMES)}")
+    return names
+
+
+def _url(variable: str, raw: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", raw):
+        raise ConfigError(f"{variable}={raw!r} is not valid: expected an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
 def _positive_int(variable: str, raw: str) -> int:
     try:
         value = int(raw.strip())
@@ -145,6 +162,25 @@ SETTINGS: tuple[Setting, ...] = (
             "restore then refuses unsigned or wrongly signed generations."),
     Setting("CKPT_STATE_PATHS", "", _path_list,
             "Extra paths in the container's writable layer to carry inside each checkpoint, ':'-separated."),
+    Setting("CKPT_TRIGGERS", "sigterm,control,file,auto", _triggers,
+            "What asks for checkpoints: sigterm (CKPT_SIGNAL), control (the socket behind `criu-supervisor "
+            "checkpoint`), file (a checkpoint-request file on the volume), periodic (CKPT_INTERVAL), aws, gcp, "
+            "azure (spot/preemption notices), auto (the cloud detected at start, if any)."),
+    Setting("CKPT_INTERVAL", "0", _seconds,
+            "Seconds between periodic leave-running checkpoints (0: off). The safety net for a machine that "
+            "dies with no notice."),
+    Setting("CKPT_DEADLINE_MARGIN", "30", _seconds,
+            "With a long notice (AWS, 2 min) the final checkpoint starts this many seconds before the deadline."),
+    Setting("CKPT_POLL_INTERVAL", "5", _positive_seconds,
+            "Seconds between polls of a cloud metadata service (AWS recommends 5)."),
+    Setting("CKPT_AWS_METADATA_URL", "http://169.254.169.254", _url, "Base URL of the AWS instance metadata service."),
+    Setting("CKPT_GCP_METADATA_URL", "http://metadata.google.internal", _url, "Base URL of the GCP metadata server."),
+    Setting("CKPT_AZURE_METADATA_URL", "http://169.254.169.254", _url, "Base URL of Azure's instance metadata service."),
+    Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _path,
+            "The local control socket used by `criu-supervisor checkpoint` and `status`."),
+    Setting("CKPT_AFTER_NOTICE", "idle", _choice("idle", "exit"),
+            "After the final checkpoint for a cloud notice: idle (stay up without the app, so a restart policy "
+            "cannot restore it on the doomed machine) or exit 0."),
 )
 
 
@@ -163,6 +199,15 @@ class Config:
     handoff_timeout: float
     signing_key_file: str | None
     state_paths: tuple[str, ...]
+    triggers: tuple[str, ...]
+    interval: float
+    deadline_margin: float
+    poll_interval: float
+    aws_metadata_url: str
+    gcp_metadata_url: str
+    azure_metadata_url: str
+    control_socket: str
+    after_notice: str
 
     @property
     def lineage_dir(self) -> str:
@@ -188,6 +233,9 @@ def load(environ: Mapping[str, str], flags: Mapping[str, str | None] | None = No
             f"CKPT_LEASE_TIMEOUT={values['lease_timeout']:g} is not valid: it must be at least twice "
             f"CKPT_LEASE_INTERVAL ({values['lease_interval']:g}), or a slow beat looks like a dead holder"
         )
+    if "periodic" in values["triggers"] and values["interval"] <= 0:
+        raise ConfigError("CKPT_TRIGGERS includes periodic but CKPT_INTERVAL is 0: set CKPT_INTERVAL to the seconds "
+                          "between checkpoints")
     return Config(**values)
 
 

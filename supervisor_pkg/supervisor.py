@@ -7,6 +7,8 @@ States and the only transitions allowed (asserted, as supervisord does):
         └──> COLD_START ──> RUNNING  │           └──> FAILED ──> STOPPING ──> EXITING
                                      ├──> STOPPING (lease lost: fenced) ──> EXITING
                                      └──────────────────────────────────────> EXITING
+    CHECKPOINTING ──> RUNNING        (a leave-running checkpoint, done or failed)
+    CHECKPOINTED ──> IDLE ──> EXITING (after a cloud notice: idle until SIGTERM)
 
 Signal handlers only record (see signals.py); this loop takes the records in
 order and acts, so a checkpoint signal that arrives during start-up or a
@@ -33,9 +35,11 @@ from supervisor_pkg.errors import (
     StoreError,
     VerificationFailed,
 )
+from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
 from supervisor_pkg.store import Generation, Store, identity, read_signing_key
+from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
 
@@ -45,6 +49,9 @@ FORWARDED_SIGNALS = frozenset(
 )
 _STDIO_FDS = (0, 1, 2)
 LEASE_LOST = "lease-lost"
+# A notice shorter than this (GCP, Azure: ~30 s) goes straight to the final checkpoint;
+# a longer one (AWS: 2 min) gets a leave-running safety net first.
+LONG_NOTICE_SECONDS = 45.0
 _STARTED_AT = time.time()
 
 
@@ -57,6 +64,7 @@ class State(enum.Enum):
     CHECKPOINTED = "checkpointed"
     FAILED = "failed"
     STOPPING = "stopping"
+    IDLE = "idle"
     EXITING = "exiting"
 
 
@@ -65,8 +73,9 @@ _TRANSITIONS: dict[State, set[State]] = {
     State.RESTORING: {State.RUNNING, State.COLD_START, State.EXITING},
     State.COLD_START: {State.RUNNING, State.EXITING},
     State.RUNNING: {State.CHECKPOINTING, State.STOPPING, State.EXITING},
-    State.CHECKPOINTING: {State.CHECKPOINTED, State.FAILED},
-    State.CHECKPOINTED: {State.EXITING},
+    State.CHECKPOINTING: {State.CHECKPOINTED, State.FAILED, State.RUNNING},
+    State.CHECKPOINTED: {State.EXITING, State.IDLE},
+    State.IDLE: {State.EXITING},
     State.FAILED: {State.STOPPING},
     State.STOPPING: {State.EXITING},
     State.EXITING: set(),
@@ -96,6 +105,12 @@ class Supervisor:
         self.lease: Lease | None = None
         self.heartbeat: Heartbeat | None = None
         self.volume_problem = "the checkpoint volume is unusable"
+        self.active_triggers: ActiveTriggers | None = None
+        self.next_periodic: float | None = None  # monotonic time of the next periodic checkpoint
+        self.final_at: float | None = None  # monotonic time of a scheduled final checkpoint
+        self.pending_final: Notice | None = None  # the long notice that scheduled it
+        self.last_checkpoint: dict[str, Any] = {}
+        self.last_restore: dict[str, Any] = {}
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -103,8 +118,10 @@ class Supervisor:
         try:
             self.take_lease()
             self.start()
+            self.start_triggers()
             self.supervise()
         finally:
+            self.stop_triggers()
             self.release_lease()
         assert self.exit_code is not None
         return self.exit_code
@@ -158,14 +175,45 @@ class Supervisor:
         log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
         self._transition(State.RUNNING)
 
+    def start_triggers(self) -> None:
+        """Start every configured source of checkpoint requests (each only posts to our queue)."""
+        from supervisor_pkg import triggers as trigger_sources
+
+        self.active_triggers = trigger_sources.start_all(self.config, self.store.lineage, self.receiver.post)
+        if self.config.interval > 0:
+            self.next_periodic = time.monotonic() + self.config.interval
+        log.info("checkpoint triggers: %s", ", ".join(self.active_triggers.names) or "none")
+
+    def stop_triggers(self) -> None:
+        if self.active_triggers is not None:
+            self.active_triggers.stop()
+
     def supervise(self) -> None:
-        """Take recorded signals in order and act, until we know our exit code."""
+        """Take recorded events in order and act, until we know our exit code."""
         while self.exit_code is None:
-            for event in self.receiver.wait(timeout=None):
+            for event in self.receiver.wait(timeout=self._seconds_to_next_timer()):
                 self._handle(event)
             self._reap()
-            if self.app_status is not None and self.exit_code is None:
-                self._app_exited()
+            if self.app_status is not None and self.state in (State.RUNNING, State.STOPPING):
+                self._app_exited()  # (after a final checkpoint the app's end is expected: not this)
+            self._run_due_timers()
+
+    def _seconds_to_next_timer(self) -> float | None:
+        due = [t for t in (self.next_periodic, self.final_at) if t is not None]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _run_due_timers(self) -> None:
+        if self.state is not State.RUNNING:
+            return
+        now = time.monotonic()
+        if self.final_at is not None and now >= self.final_at:
+            notice, self.final_at, self.pending_final = self.pending_final, None, None
+            assert notice is not None
+            log.info("deadline margin reached (%s): taking the final checkpoint", self._time_left())
+            self._final_checkpoint(notice)
+        elif self.next_periodic is not None and now >= self.next_periodic:
+            self._leave_running_checkpoint(Notice(source="periodic", final=False))
+            self.next_periodic = time.monotonic() + self.config.interval
 
     # --- start-up ---------------------------------------------------------------
     def _try_restore(self) -> str:
@@ -228,6 +276,11 @@ class Supervisor:
             inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
         )
         self.restored_from = generation
+        self.last_restore = {
+            "generation": generation.name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.monotonic() - started, 3),
+            "bytes": sum(entry["size"] for entry in manifest["files"].values()),
+        }
         log.info(
             "restored %s (made %s on %s) in %.2f s; app root pid %d",
             generation.name, manifest.get("created"), (manifest.get("source") or {}).get("host"),
@@ -250,20 +303,76 @@ class Supervisor:
         return inherit
 
     # --- events -------------------------------------------------------------------
-    def _handle(self, event: int | str) -> None:
+    def _handle(self, event: object) -> None:
         if event == signal.SIGCHLD:
             return  # reaped right after
         if event == LEASE_LOST:
             self._fenced()
-            return
-        if event == self.config.signal:
-            if self.state is State.RUNNING:
-                self._checkpoint_and_exit()
-            elif self.state is State.STOPPING:
-                self._forward(signal.SIGTERM)
-            return
-        if isinstance(event, int) and event in FORWARDED_SIGNALS:
+        elif isinstance(event, ControlRequest):
+            self._on_control(event)
+        elif isinstance(event, Notice):
+            self._on_notice(event)
+        elif event == self.config.signal and "sigterm" in self.config.triggers:
+            self._on_checkpoint_signal()
+        elif isinstance(event, int) and event in FORWARDED_SIGNALS:
             self._forward(signal.Signals(event))
+
+    def _on_checkpoint_signal(self) -> None:
+        if self.state is State.RUNNING:
+            self._final_checkpoint(Notice(source=self.config.signal.name, final=True), after="exit")
+        elif self.state is State.STOPPING:
+            self._forward(signal.SIGTERM)  # asked again while the app stops on its own
+        elif self.state is State.IDLE:
+            log.info("%s while idle after the final checkpoint; exiting 0", self.config.signal.name)
+            self._transition(State.EXITING)
+            self.exit_code = 0
+
+    def _on_notice(self, notice: Notice) -> None:
+        """A trigger asked for a checkpoint: decide what to do with it (deterministic, see docs)."""
+        if self.state is not State.RUNNING:
+            log.info("%s request ignored: already %s", notice.source, self.state.value)
+            if notice.on_failed is not None:
+                notice.on_failed(f"the supervisor is {self.state.value}")
+            return
+        if not notice.final:
+            if notice.early_warning:
+                log.warning("%s early warning: %s; taking a leave-running checkpoint", notice.source, notice.detail)
+            self._leave_running_checkpoint(notice)
+            return
+        left = notice.seconds_left()
+        log.warning("%s interruption notice: %s (%s)", notice.source, notice.detail or "final checkpoint requested",
+                    "no deadline given" if left is None else f"{left:.0f} s left")
+        if left is None or left < LONG_NOTICE_SECONDS:
+            self._final_checkpoint(notice)
+            return
+        # A long notice: a safety net now, then the final checkpoint as late as is safe,
+        # so that work done after the notice is not lost.
+        final_in = max(0.0, left - self.config.deadline_margin)
+        if self.final_at is None or time.monotonic() + final_in < self.final_at:
+            self.final_at, self.pending_final = time.monotonic() + final_in, notice
+        self._leave_running_checkpoint(Notice(source=notice.source, final=False, detail="safety net"))
+        if self.state is State.RUNNING and self.final_at is not None:
+            log.info("final checkpoint in %.0f s (CKPT_DEADLINE_MARGIN=%g s before the deadline), or at SIGTERM",
+                     max(0.0, self.final_at - time.monotonic()), self.config.deadline_margin)
+
+    def _on_control(self, request: ControlRequest) -> None:
+        if request.command == "status":
+            request.answer({"ok": True, "status": self.status()})
+        elif request.command == "checkpoint":
+            leave_running = bool(request.arguments.get("leave_running"))
+            notice = Notice(
+                source="control", final=not leave_running,
+                on_published=lambda name: request.answer({"ok": True, "generation": name, **self.last_checkpoint}),
+                on_failed=lambda reason: request.answer({"ok": False, "error": reason}),
+            )
+            if leave_running:
+                self._on_notice(notice)
+            elif self.state is State.RUNNING:
+                self._final_checkpoint(notice, after="exit")
+            else:
+                request.answer({"ok": False, "error": f"the supervisor is {self.state.value}"})
+        else:
+            request.answer({"ok": False, "error": f"unknown command {request.command!r}"})
 
     def _forward(self, signum: signal.Signals) -> None:
         if self.app_pid is None or self.app_status is not None:
@@ -305,26 +414,81 @@ class Supervisor:
         self.exit_code = code
 
     # --- checkpoint -----------------------------------------------------------------
-    def _checkpoint_and_exit(self) -> None:
+    def _final_checkpoint(self, notice: Notice, after: str | None = None) -> None:
+        """Checkpoint, stop the app, release the lease; then exit 0 or idle. On failure, stop gracefully."""
+        after = after or (self.config.after_notice if notice.source in CLOUD_SOURCES else "exit")
         self._transition(State.CHECKPOINTING)
         started = time.monotonic()
         try:
-            generation = self.checkpoint(final=True)
+            generation = self.checkpoint(final=True, trigger=notice.source)
         except (CriuError, StoreError, LeaseLost) as error:
             self._transition(State.FAILED)
             log.error("%s", error.message)
-            log.warning("falling back to the app's own graceful stop: sending it SIGTERM")
+            if notice.on_failed is not None:
+                notice.on_failed(error.message)
+            log.warning("falling back to the app's own graceful stop: sending it SIGTERM%s", self._time_left(", "))
             self._transition(State.STOPPING)
             self._forward(signal.SIGTERM)
             return
         self._transition(State.CHECKPOINTED)
-        log.info("final checkpoint %s published in %.2f s; exiting 0", generation.name, time.monotonic() - started)
+        log.info("final checkpoint %s published in %.2f s%s", generation.name, time.monotonic() - started,
+                 self._time_left("; "))
         self.release_lease()  # now a replacement may take the lineage and restore it
+        if notice.on_published is not None:
+            notice.on_published(generation.name)
         self._wait_for_app()
+        self.stop_triggers()
+        self.final_at = self.next_periodic = None
+        if after == "idle":
+            log.info("idling without the app until the machine goes away, so that no restart here can "
+                     "restore it on a doomed machine (CKPT_AFTER_NOTICE=idle)")
+            self._transition(State.IDLE)
+            return
+        log.info("exiting 0")
         self._transition(State.EXITING)
         self.exit_code = 0
 
-    def checkpoint(self, final: bool) -> Generation:
+    def _leave_running_checkpoint(self, notice: Notice) -> None:
+        """A checkpoint the app survives; a failure is logged and the app keeps running."""
+        self._transition(State.CHECKPOINTING)
+        started = time.monotonic()
+        try:
+            generation = self.checkpoint(final=False, trigger=notice.source)
+        except (CriuError, StoreError, LeaseLost) as error:
+            log.error("%s (%s checkpoint; the app keeps running)", error.message, notice.source)
+            self._transition(State.RUNNING)
+            if notice.on_failed is not None:
+                notice.on_failed(error.message)
+            return
+        self._transition(State.RUNNING)
+        log.info("%s checkpoint %s published in %.2f s; the app kept running%s", notice.source, generation.name,
+                 time.monotonic() - started, self._time_left("; "))
+        if notice.on_published is not None:
+            notice.on_published(generation.name)
+
+    def _time_left(self, prefix: str = "") -> str:
+        """'N s left before the deadline' for the log, when a notice gave one."""
+        notice = self.pending_final
+        left = notice.seconds_left() if notice is not None else None
+        return "" if left is None else f"{prefix}{left:.0f} s left before the {notice.source} deadline"  # type: ignore[union-attr]
+
+    def status(self) -> dict[str, Any]:
+        """What `criu-supervisor status` shows."""
+        lease = self.lease.read() if self.lease is not None else None
+        return {
+            "state": self.state.value,
+            "app_pid": self.app_pid,
+            "app_pids": launcher.namespace_members(self.app_pid) if self.app_pid and self.app_status is None else [],
+            "lineage": self.store.lineage,
+            "lease": {k: v for k, v in (lease or {}).items() if k != "owner"} | {"held": bool(self.lease and self.lease.held)},
+            "triggers": list(self.active_triggers.names) if self.active_triggers else [],
+            "next_periodic_in": None if self.next_periodic is None else round(self.next_periodic - time.monotonic(), 1),
+            "final_checkpoint_in": None if self.final_at is None else round(self.final_at - time.monotonic(), 1),
+            "last_checkpoint": self.last_checkpoint or None,
+            "last_restore": self.last_restore or None,
+        }
+
+    def checkpoint(self, final: bool, trigger: str = "manual") -> Generation:
         """Dump the app into a staging generation, then publish it atomically.
 
         CRIU leaves the tree stopped. A final checkpoint kills it only after the
@@ -367,6 +531,12 @@ class Supervisor:
             raise
         if final:
             os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
+        manifest = generation.read_json("manifest.json")
+        self.last_checkpoint = {
+            "generation": generation.name, "trigger": trigger, "final": final, "time": manifest["created"],
+            "seconds": round(result.seconds, 3),
+            "bytes": sum(entry["size"] for entry in manifest["files"].values()),
+        }
         removed = self.store.prune(protect={generation.number})
         if removed:
             log.debug("pruned %s", ", ".join(removed))

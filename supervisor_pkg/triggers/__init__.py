@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("criu-supervisor")
 
@@ -107,3 +108,83 @@ class Trigger(threading.Thread):
                 self.post(notice)
                 if notice.final:
                     return
+
+
+CLOUD_SOURCES = frozenset({"aws", "gcp", "azure"})
+
+
+@dataclasses.dataclass
+class ActiveTriggers:
+    """The sources that are running, and how to stop them."""
+
+    names: list[str]
+    stoppers: list[Callable[[], None]]
+
+    def stop(self) -> None:
+        for stop in self.stoppers:
+            try:
+                stop()
+            except Exception as error:  # noqa: BLE001 - stopping must never fail the exit path
+                log.debug("stopping a trigger failed: %s", error)
+        self.stoppers.clear()
+
+
+def start_all(config: Any, lineage: str, post: Callable[[object], None]) -> ActiveTriggers:
+    """Start every source named in CKPT_TRIGGERS; one that cannot start is logged and skipped."""
+    active = ActiveTriggers(names=[], stoppers=[])
+    wanted = list(config.triggers)
+    if "auto" in wanted:
+        wanted.remove("auto")
+        from supervisor_pkg.triggers.detect import detect_cloud
+
+        cloud = detect_cloud(urls={"aws": config.aws_metadata_url, "gcp": config.gcp_metadata_url,
+                                   "azure": config.azure_metadata_url})
+        if cloud and cloud not in wanted:
+            log.info("detected %s: watching its interruption notices", cloud)
+            wanted.append(cloud)
+    for name in wanted:
+        try:
+            stopper = _start_one(name, config, lineage, post)
+        except Exception as error:  # noqa: BLE001 - one broken source must not stop the others
+            log.warning("%s trigger not started: %s", name, error)
+            continue
+        active.names.append(name)
+        if stopper is not None:
+            active.stoppers.append(stopper)
+    if config.interval > 0 and "periodic" not in active.names:
+        active.names.append("periodic")
+    return active
+
+
+def _start_one(name: str, config: Any, lineage: str, post: Callable[[object], None]) -> Callable[[], None] | None:
+    if name in ("sigterm", "periodic"):
+        return None  # handled by the supervise loop itself
+    if name == "control":
+        from supervisor_pkg.control import ControlServer
+
+        server = ControlServer(config.control_socket, post)
+        server.start()
+        return server.close
+    if name == "file":
+        from supervisor_pkg.triggers.file import FileTrigger
+
+        watcher = FileTrigger(post, lineage)
+        watcher.start()
+        return watcher.stop
+    poller: Trigger
+    if name == "aws":
+        from supervisor_pkg.triggers.aws import AwsTrigger
+
+        poller = AwsTrigger(post, base_url=config.aws_metadata_url, interval=config.poll_interval)
+    elif name == "gcp":
+        from supervisor_pkg.triggers.gcp import GcpTrigger
+
+        poller = GcpTrigger(post, base_url=config.gcp_metadata_url, interval=config.poll_interval)
+    elif name == "azure":
+        from supervisor_pkg.triggers.azure import AzureTrigger
+
+        poller = AzureTrigger(post, base_url=config.azure_metadata_url, interval=config.poll_interval)
+    else:
+        raise ValueError(f"unknown trigger {name!r}")
+    poller.start()
+    return poller.stop
