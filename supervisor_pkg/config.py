@@ -172,9 +172,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_DEADLINE_MARGIN", "30", _seconds,
             "With a long notice (AWS, 2 min) the final checkpoint starts this many seconds before the deadline."),
     Setting("CKPT_POLL_INTERVAL", "5", _positive_seconds,
-            "Seconds between polls of a cloud metadata service (AWS recommends 5)."),
+            "Seconds between polls of AWS's metadata service (AWS recommends 5); GCP and Azure, with 30 s "
+            "notices, are polled at least every second."),
     Setting("CKPT_AWS_METADATA_URL", "http://169.254.169.254", _url, "Base URL of the AWS instance metadata service."),
-    Setting("CKPT_GCP_METADATA_URL", "http://metadata.google.internal", _url, "Base URL of the GCP metadata server."),
+    Setting("CKPT_GCP_METADATA_URL", "http://169.254.169.254", _url,
+            "Base URL of the GCP metadata server (the IP of metadata.google.internal: no DNS lookup to hang on)."),
     Setting("CKPT_AZURE_METADATA_URL", "http://169.254.169.254", _url, "Base URL of Azure's instance metadata service."),
     Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _path,
             "The local control socket used by `criu-supervisor checkpoint` and `status`."),

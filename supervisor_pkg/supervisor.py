@@ -109,6 +109,7 @@ class Supervisor:
         self.next_periodic: float | None = None  # monotonic time of the next periodic checkpoint
         self.final_at: float | None = None  # monotonic time of a scheduled final checkpoint
         self.pending_final: Notice | None = None  # the long notice that scheduled it
+        self.deadline_notice: Notice | None = None  # the earliest announced end of this machine
         self.last_checkpoint: dict[str, Any] = {}
         self.last_restore: dict[str, Any] = {}
 
@@ -209,7 +210,7 @@ class Supervisor:
         if self.final_at is not None and now >= self.final_at:
             notice, self.final_at, self.pending_final = self.pending_final, None, None
             assert notice is not None
-            log.info("deadline margin reached (%s): taking the final checkpoint", self._time_left())
+            log.info("deadline margin reached (%s): taking the final checkpoint", self._time_left() or "no deadline")
             self._final_checkpoint(notice)
         elif self.next_periodic is not None and now >= self.next_periodic:
             self._leave_running_checkpoint(Notice(source="periodic", final=False))
@@ -339,6 +340,10 @@ class Supervisor:
                 log.warning("%s early warning: %s; taking a leave-running checkpoint", notice.source, notice.detail)
             self._leave_running_checkpoint(notice)
             return
+        if notice.deadline is not None and (
+            self.deadline_notice is None or notice.deadline < (self.deadline_notice.deadline or float("inf"))
+        ):
+            self.deadline_notice = notice
         left = notice.seconds_left()
         log.warning("%s interruption notice: %s (%s)", notice.source, notice.detail or "final checkpoint requested",
                     "no deadline given" if left is None else f"{left:.0f} s left")
@@ -468,7 +473,7 @@ class Supervisor:
 
     def _time_left(self, prefix: str = "") -> str:
         """'N s left before the deadline' for the log, when a notice gave one."""
-        notice = self.pending_final
+        notice = self.deadline_notice
         left = notice.seconds_left() if notice is not None else None
         return "" if left is None else f"{prefix}{left:.0f} s left before the {notice.source} deadline"  # type: ignore[union-attr]
 

@@ -179,11 +179,12 @@ def _start_one(name: str, config: Any, lineage: str, post: Callable[[object], No
     elif name == "gcp":
         from supervisor_pkg.triggers.gcp import GcpTrigger
 
-        poller = GcpTrigger(post, base_url=config.gcp_metadata_url, interval=config.poll_interval)
+        # A 30 s notice: poll at least every second (GCP's hanging GET sets the pace anyway).
+        poller = GcpTrigger(post, base_url=config.gcp_metadata_url, interval=min(config.poll_interval, 1.0))
     elif name == "azure":
         from supervisor_pkg.triggers.azure import AzureTrigger
 
-        poller = AzureTrigger(post, base_url=config.azure_metadata_url, interval=config.poll_interval)
+        poller = AzureTrigger(post, base_url=config.azure_metadata_url, interval=min(config.poll_interval, 1.0))
     else:
         raise ValueError(f"unknown trigger {name!r}")
     poller.start()
