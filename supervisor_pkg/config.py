@@ -92,6 +92,12 @@ def _url(variable: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _toggle(variable: str, raw: str) -> bool:
+    if raw.strip() not in ("0", "1"):
+        raise ConfigError(f"{variable}={raw!r} is not valid: accepted values are 0, 1")
+    return raw.strip() == "1"
+
+
 def _positive_int(variable: str, raw: str) -> int:
     try:
         value = int(raw.strip())
@@ -180,6 +186,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_AZURE_METADATA_URL", "http://169.254.169.254", _url, "Base URL of Azure's instance metadata service."),
     Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _path,
             "The local control socket used by `criu-supervisor checkpoint` and `status`."),
+    Setting("CKPT_IO_URING", "deny", _choice("deny", "allow"),
+            "deny: the app's io_uring_setup() fails with ENOSYS, so runtimes (libuv, Node.js) fall back to epoll "
+            "before opening a ring, which CRIU cannot dump; allow: io_uring works, checkpoints of apps using it fail."),
+    Setting("CKPT_SHARE_IPC", "0", _toggle,
+            "1: the app shares the container's IPC namespace (SysV shared memory with a sidecar), which CRIU then "
+            "cannot carry; 0: the app gets its own, carried with it."),
     Setting("CKPT_AFTER_NOTICE", "idle", _choice("idle", "exit"),
             "After the final checkpoint for a cloud notice: idle (stay up without the app, so a restart policy "
             "cannot restore it on the doomed machine) or exit 0."),
@@ -209,6 +221,8 @@ class Config:
     gcp_metadata_url: str
     azure_metadata_url: str
     control_socket: str
+    io_uring: str
+    share_ipc: bool
     after_notice: str
 
     @property

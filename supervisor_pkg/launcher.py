@@ -86,14 +86,49 @@ def resume(init_pid: int) -> None:
             pass
 
 
-def spawn(cmd: list[str], share_ipc: bool = False) -> int:
+IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
+def check_io_uring_filter_available() -> None:
+    try:
+        import seccomp  # type: ignore[import-not-found]  # noqa: F401  (Debian's python3-seccomp)
+    except ImportError as error:
+        raise EnvironmentProblem(
+            "CKPT_IO_URING=deny needs libseccomp's Python bindings (Debian: python3-seccomp; the base image has "
+            "them); install them or set CKPT_IO_URING=allow"
+        ) from error
+
+
+def _deny_io_uring() -> None:  # pragma: no cover - runs in the child
+    """Make io_uring_*() fail with ENOSYS for the app and its children.
+
+    CRIU cannot dump an io_uring instance ("Unknown shit 600 (anon_inode:[io_uring])").
+    Runtimes that probe for io_uring (libuv in Node.js 20, even with
+    UV_USE_IO_URING=0) treat ENOSYS as "kernel too old" and use epoll instead.
+    Only these three syscalls are affected; no_new_privs is left off (we hold
+    CAP_SYS_ADMIN), so setuid programs in the app keep working.
+    """
+    import errno
+
+    import seccomp
+
+    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    rules.set_attr(seccomp.Attr.CTL_NNP, 0)
+    for name in IO_URING_SYSCALLS:
+        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
+    rules.load()
+
+
+def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True) -> int:
     """Start CMD under the namespace init; return the init's PID (in our namespace)."""
+    if deny_io_uring:
+        check_io_uring_filter_available()
     init_argv = [*NAMESPACE_INIT, *cmd]
     flags = os.CLONE_NEWPID | (0 if share_ipc else os.CLONE_NEWIPC)
     read_fd, write_fd = os.pipe()
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in the child
-        _middle_child(flags, init_argv, read_fd, write_fd)
+        _middle_child(flags, init_argv, read_fd, write_fd, deny_io_uring)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         report = pipe.read().decode()
@@ -103,7 +138,9 @@ def spawn(cmd: list[str], share_ipc: bool = False) -> int:
     return int(report.split()[1])
 
 
-def _middle_child(flags: int, init_argv: list[str], read_fd: int, write_fd: int) -> None:  # pragma: no cover
+def _middle_child(  # pragma: no cover - runs in the child
+    flags: int, init_argv: list[str], read_fd: int, write_fd: int, deny_io_uring: bool
+) -> None:
     try:
         os.close(read_fd)
         signals.reset_in_child()
@@ -113,9 +150,11 @@ def _middle_child(flags: int, init_argv: list[str], read_fd: int, write_fd: int)
             os.close(write_fd)
             os.setsid()
             try:
+                if deny_io_uring:
+                    _deny_io_uring()
                 os.execvp(init_argv[0], init_argv)
-            except OSError as error:
-                print(f"criu-supervisor: cannot exec {init_argv[0]}: {error}", file=sys.stderr)
+            except Exception as error:  # noqa: BLE001 - report, never return into the parent's code
+                print(f"criu-supervisor: cannot start {init_argv[0]}: {error}", file=sys.stderr)
                 os._exit(127)
         os.write(write_fd, f"pid {init_pid}".encode())
         os._exit(0)

@@ -172,7 +172,9 @@ class Supervisor:
                 raise RestoreRequired(f"CKPT_RESTORE=require but nothing can be restored: {why_fresh}")
         self._transition(State.COLD_START)
         launcher.check_command(self.command)
-        self.app_pid = launcher.spawn(self.command)
+        self.app_pid = launcher.spawn(
+            self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny"
+        )
         log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
         self._transition(State.RUNNING)
 
