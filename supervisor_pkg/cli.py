@@ -210,8 +210,8 @@ def checkpoint(leave_running: bool, as_json: bool, socket_path: str | None) -> N
     """Ask the running supervisor for a checkpoint now (use with docker exec)."""
     reply = _control_call({"command": "checkpoint", "leave_running": leave_running}, socket_path)
     if reply.get("ok"):
-        text = (f"checkpoint {reply.get('generation')} published "
-                f"({reply.get('bytes', 0) / 1048576:.1f} MiB, CRIU {reply.get('seconds', 0):.2f} s)"
+        text = (f"checkpoint {reply.get('generation')} published in {reply.get('seconds', 0):.2f} s "
+                f"({reply.get('bytes', 0) / 1048576:.1f} MiB; CRIU {reply.get('criu_seconds', 0):.2f} s)"
                 + ("; the app keeps running" if leave_running else "; the app is stopped"))
     else:
         text = f"checkpoint failed: {reply.get('error')}"

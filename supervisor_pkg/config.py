@@ -98,6 +98,16 @@ def _toggle(variable: str, raw: str) -> bool:
     return raw.strip() == "1"
 
 
+def _port(variable: str, raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{variable}={raw!r} is not valid: expected a TCP port 1-65535, or 0 for off")
+    return value
+
+
 def _positive_int(variable: str, raw: str) -> int:
     try:
         value = int(raw.strip())
@@ -192,6 +202,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_SHARE_IPC", "0", _toggle,
             "1: the app shares the container's IPC namespace (SysV shared memory with a sidecar), which CRIU then "
             "cannot carry; 0: the app gets its own, carried with it."),
+    Setting("CKPT_METRICS_PORT", "0", _port,
+            "Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)."),
     Setting("CKPT_AFTER_NOTICE", "idle", _choice("idle", "exit"),
             "After the final checkpoint for a cloud notice: idle (stay up without the app, so a restart policy "
             "cannot restore it on the doomed machine) or exit 0."),
@@ -223,6 +235,7 @@ class Config:
     control_socket: str
     io_uring: str
     share_ipc: bool
+    metrics_port: int
     after_notice: str
 
     @property

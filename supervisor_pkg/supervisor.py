@@ -22,10 +22,11 @@ import enum
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any
 
-from supervisor_pkg import carried, criu, launcher
+from supervisor_pkg import carried, criu, launcher, metrics
 from supervisor_pkg.config import Config
 from supervisor_pkg.errors import (
     CriuError,
@@ -112,6 +113,7 @@ class Supervisor:
         self.deadline_notice: Notice | None = None  # the earliest announced end of this machine
         self.last_checkpoint: dict[str, Any] = {}
         self.last_restore: dict[str, Any] = {}
+        self.metrics = metrics.Metrics()
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -183,6 +185,13 @@ class Supervisor:
         from supervisor_pkg import triggers as trigger_sources
 
         self.active_triggers = trigger_sources.start_all(self.config, self.store.lineage, self.receiver.post)
+        if self.config.metrics_port:
+            try:
+                server = metrics.serve(self.metrics, self.config.metrics_port)
+                self.active_triggers.stoppers.append(server.shutdown)
+                log.info("metrics at http://0.0.0.0:%d/metrics", self.config.metrics_port)
+            except OSError as error:
+                log.warning("metrics not served on port %d: %s", self.config.metrics_port, error.strerror)
         if self.config.interval > 0:
             self.next_periodic = time.monotonic() + self.config.interval
         log.info("checkpoint triggers: %s", ", ".join(self.active_triggers.names) or "none")
@@ -255,7 +264,9 @@ class Supervisor:
             try:
                 self._restore(generation, manifest)
                 self.store.mark_restored(generation)
+                self.metrics.restore(ok=True, seconds=self.last_restore["seconds"])
             except RestoreFailed as error:
+                self.metrics.restore(ok=False)
                 log.error("%s", error.message)
                 self.store.reject(generation, error.message)
                 self._reap()
@@ -429,6 +440,7 @@ class Supervisor:
         try:
             generation = self.checkpoint(final=True, trigger=notice.source)
         except (CriuError, StoreError, LeaseLost) as error:
+            self.metrics.checkpoint(notice.source, final=True, ok=False, seconds=time.monotonic() - started)
             self._transition(State.FAILED)
             log.error("%s", error.message)
             if notice.on_failed is not None:
@@ -462,6 +474,7 @@ class Supervisor:
         try:
             generation = self.checkpoint(final=False, trigger=notice.source)
         except (CriuError, StoreError, LeaseLost) as error:
+            self.metrics.checkpoint(notice.source, final=False, ok=False, seconds=time.monotonic() - started)
             log.error("%s (%s checkpoint; the app keeps running)", error.message, notice.source)
             self._transition(State.RUNNING)
             if notice.on_failed is not None:
@@ -504,6 +517,7 @@ class Supervisor:
         tree is resumed, so the caller can still stop it gracefully.
         """
         assert self.app_pid is not None
+        requested = time.monotonic()
         if self.lease is None:
             raise StoreError(f"checkpoint impossible: {self.volume_problem}")
         self.lease.check()
@@ -511,7 +525,7 @@ class Supervisor:
         log_name = f"dump-{_stamp()}.log"
         stopped = False
         try:
-            with self.store.staging() as staging:
+            with self.store.staging() as staging, _DumpProgress(staging.path):
                 result = criu.dump(
                     self.app_pid, staging.path, self.store.logs, log_name,
                     tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
@@ -541,9 +555,11 @@ class Supervisor:
         manifest = generation.read_json("manifest.json")
         self.last_checkpoint = {
             "generation": generation.name, "trigger": trigger, "final": final, "time": manifest["created"],
-            "seconds": round(result.seconds, 3),
+            "seconds": round(time.monotonic() - requested, 3), "criu_seconds": round(result.seconds, 3),
             "bytes": sum(entry["size"] for entry in manifest["files"].values()),
         }
+        self.metrics.checkpoint(trigger, final, ok=True, seconds=self.last_checkpoint["seconds"],
+                                size=self.last_checkpoint["bytes"], when=float(manifest["created_unix"]))
         removed = self.store.prune(protect={generation.number})
         if removed:
             log.debug("pruned %s", ", ".join(removed))
@@ -587,6 +603,37 @@ class Supervisor:
         assert new in _TRANSITIONS[self.state], f"illegal transition {self.state.value} -> {new.value}"
         log.debug("state %s -> %s", self.state.value, new.value)
         self.state = new
+        self.metrics.state = new.value
+
+
+class _DumpProgress(threading.Thread):
+    """Logs bytes written and the rate every few seconds while a long dump runs."""
+
+    def __init__(self, directory: str, every: float = 3.0) -> None:
+        super().__init__(name="dump-progress", daemon=True)
+        self.directory = directory
+        self.every = every
+        self._done = threading.Event()
+
+    def __enter__(self) -> _DumpProgress:
+        self.started = time.monotonic()
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            written = 0
+            try:
+                with os.scandir(self.directory) as entries:
+                    written = sum(entry.stat().st_size for entry in entries if entry.is_file())
+            except OSError:
+                return
+            elapsed = time.monotonic() - self.started
+            log.info("dump in progress: %.0f MiB written in %.0f s (%.0f MiB/s)",
+                     written / 1048576, elapsed, written / 1048576 / elapsed)
 
 
 def _stamp() -> str:
