@@ -39,7 +39,7 @@ from supervisor_pkg.errors import (
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import Generation, Store, identity, read_signing_key
+from supervisor_pkg.store import Generation, PageHasher, Store, identity, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
@@ -525,11 +525,12 @@ class Supervisor:
         log_name = f"dump-{_stamp()}.log"
         stopped = False
         try:
-            with self.store.staging() as staging, _DumpProgress(staging.path):
+            with self.store.staging() as staging, _DumpProgress(staging.path), PageHasher(staging.path) as hasher:
                 result = criu.dump(
                     self.app_pid, staging.path, self.store.logs, log_name,
                     tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
                 )
+                hashed = hasher.finish()
                 stopped = True
                 carried_count = self._carry_files(staging.path)
                 if not final:
@@ -545,6 +546,7 @@ class Supervisor:
                         "restored_from": self.restored_from.name if self.restored_from else None,
                     },
                     before_rename=self.lease.check,
+                    hashed=hashed,
                 )
         except BaseException:
             if stopped:
