@@ -196,6 +196,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_AZURE_METADATA_URL", "http://169.254.169.254", _url, "Base URL of Azure's instance metadata service."),
     Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _path,
             "The local control socket used by `criu-supervisor checkpoint` and `status`."),
+    Setting("CKPT_LAZY", "auto", _choice("auto", "on", "off"),
+            "Restore lazily (pages fetched on first touch by CRIU's lazy-pages daemon, the rest pushed in the "
+            "background): the app answers in ~0.1 s whatever its size. auto: when the pages exceed 256 MiB and no "
+            "CKPT_SIGNING_KEY_FILE is set (page images are then verified in the background, not before)."),
     Setting("CKPT_IO_URING", "deny", _choice("deny", "allow"),
             "deny: the app's io_uring_setup() fails with ENOSYS, so runtimes (libuv, Node.js) fall back to epoll "
             "before opening a ring, which CRIU cannot dump; allow: io_uring works, checkpoints of apps using it fail."),
@@ -233,6 +237,7 @@ class Config:
     gcp_metadata_url: str
     azure_metadata_url: str
     control_socket: str
+    lazy: str
     io_uring: str
     share_ipc: bool
     metrics_port: int

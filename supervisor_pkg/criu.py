@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 import re
+import signal
 import stat
 import subprocess
 import time
@@ -124,6 +125,53 @@ def dump(
     return DumpResult(seconds=time.monotonic() - started, log_path=log_path)
 
 
+class LazyPagesDaemon:
+    """CRIU's lazy-pages daemon: serves a restored app's memory from the images on demand.
+
+    With it, `restore(lazy=True)` returns as soon as the process tree exists;
+    each page arrives through userfaultfd when first touched, and the daemon
+    pushes the rest in the background and exits 0 when every page is in. It is
+    run with the CLI (the RPC has no request for it) and shares a work
+    directory, where it listens on lazy-pages.socket, with the restore.
+    The caller reaps it (we are PID 1: our reaper collects every child), so
+    only its pid is kept here.
+    """
+
+    SOCKET = "lazy-pages.socket"
+
+    def __init__(self, images_dir: str, work_dir: str, log_name: str, log_level: int = 4) -> None:
+        self.images_dir = images_dir
+        self.work_dir = work_dir
+        self.log_path = os.path.join(work_dir, log_name)
+        self.log_level = log_level
+        self.pid: int | None = None
+
+    def start(self, timeout: float = 5.0) -> int:
+        os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.work_dir, self.SOCKET))
+        argv = [CRIU_BINARY, "lazy-pages", "--images-dir", self.images_dir, "--work-dir", self.work_dir,
+                "--log-file", self.log_path, f"-v{self.log_level}"]
+        try:
+            self.pid = os.posix_spawnp(argv[0], argv, os.environ, setsid=True)
+        except OSError as error:
+            raise RestoreFailed(f"cannot start CRIU's lazy-pages daemon: {error}") from error
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(os.path.join(self.work_dir, self.SOCKET)):
+            finished, _status = os.waitpid(self.pid, os.WNOHANG)
+            if finished or time.monotonic() > deadline:
+                raise RestoreFailed(
+                    f"CRIU's lazy-pages daemon did not start: {explain(self.log_path)} (log: {self.log_path})"
+                )
+            time.sleep(0.01)
+        return self.pid
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
 def restore(
     images_dir: str,
     log_dir: str,
@@ -132,6 +180,7 @@ def restore(
     inherit: Mapping[str, int],
     tcp: str,
     log_level: int = 4,
+    lazy: bool = False,
 ) -> int:
     """Restore the tree in `images_dir` as our child; return its root's PID.
 
@@ -145,6 +194,7 @@ def restore(
         with _directory_fd(images_dir) as images_fd, _directory_fd(log_dir) as work_fd:
             client = _new_client(images_fd, work_fd, log_name, log_level)
             client.opts.rst_sibling = True  # the restored root becomes our child
+            client.opts.lazy_pages = lazy  # pages come from a LazyPagesDaemon sharing log_dir
             _set_tcp(client.opts, tcp)
             for key, fd in inherit.items():
                 high = os.dup(fd)  # swrk closes 0-2 before exec

@@ -38,7 +38,7 @@ class SignalReceiver:
     _instance: ClassVar[SignalReceiver | None] = None
 
     def __init__(self) -> None:
-        self._events: collections.deque[int | str] = collections.deque()
+        self._events: collections.deque[object] = collections.deque()
         # Non-inheritable (O_CLOEXEC) by default in Python: the app never sees it.
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
@@ -58,7 +58,7 @@ class SignalReceiver:
     def _record(self, signum: int, _frame: object) -> None:
         self._events.append(signum)
 
-    def post(self, event: str) -> None:
+    def post(self, event: object) -> None:
         """Queue a non-signal event (from any thread) and wake the loop."""
         self._events.append(event)
         try:
@@ -66,7 +66,19 @@ class SignalReceiver:
         except BlockingIOError:
             pass  # the pipe is full, so the loop is already due to wake
 
-    def wait(self, timeout: float | None) -> list[int | str]:
+    def put_back(self, events: list[object]) -> None:
+        """Return events taken by a nested wait, in order, ahead of anything newer."""
+        self._events.extendleft(reversed(events))
+        if events:
+            self.post_wakeup()
+
+    def post_wakeup(self) -> None:
+        try:
+            os.write(self._write_fd, b"\0")
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float | None) -> list[object]:
         """Block until something is recorded or `timeout` passes; return it all."""
         if not self._events:
             select.select([self._read_fd], [], [], timeout)
@@ -75,12 +87,12 @@ class SignalReceiver:
                 pass
         except BlockingIOError:
             pass
-        taken: list[int | str] = []
+        taken: list[object] = []
         while self._events:
             taken.append(self._events.popleft())
         return taken
 
-    def pending(self) -> list[int | str]:
+    def pending(self) -> list[object]:
         return list(self._events)
 
 

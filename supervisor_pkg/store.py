@@ -57,6 +57,10 @@ _BOOKKEEPING = {MANIFEST, CLAIM, REJECTED}
 _HASH_CHUNK = 4 << 20
 
 
+def is_page_image(name: str) -> bool:
+    return re.fullmatch(r"pages-\d+\.img", name) is not None
+
+
 def generation_name(number: int) -> str:
     return f"gen-{number:08d}"
 
@@ -198,7 +202,6 @@ class PageHasher(threading.Thread):
     make a checkpoint refused, never a corrupt one accepted.
     """
 
-    _PAGES = re.compile(r"^pages-\d+\.img$")
 
     def __init__(self, directory: str, poll: float = 0.02) -> None:
         super().__init__(name="page-hasher", daemon=True)
@@ -225,7 +228,7 @@ class PageHasher(threading.Thread):
 
     def _catch_up(self) -> None:
         try:
-            names = [n for n in os.listdir(self.directory) if self._PAGES.match(n)]
+            names = [n for n in os.listdir(self.directory) if is_page_image(n)]
         except OSError:
             return
         for name in names:
@@ -414,8 +417,15 @@ class Store:
             return {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, results)}
 
     # --- verification, claims, rejection -----------------------------------
-    def verify(self, generation: Generation, local_criu_version: str | None = None) -> dict[str, Any]:
-        """Check the manifest and every file; return the manifest or raise VerificationFailed."""
+    def verify(
+        self, generation: Generation, local_criu_version: str | None = None, defer_pages: bool = False
+    ) -> dict[str, Any]:
+        """Check the manifest and every file; return the manifest or raise VerificationFailed.
+
+        With `defer_pages`, page images (pages-*.img) are checked for presence and
+        size only; the caller must hash them later with `verify_files` (a lazy
+        restore does so in the background).
+        """
         if os.path.islink(generation.path):
             raise VerificationFailed(f"{generation.name} is a symlink")
         try:
@@ -441,8 +451,13 @@ class Store:
         if unexpected:
             raise VerificationFailed(f"{generation.name}: files not in the manifest: {', '.join(unexpected[:5])}")
         for name, expected in files.items():
-            self._verify_file(generation, name, expected)
+            self._verify_file(generation, name, expected, hash_it=not (defer_pages and is_page_image(name)))
         return manifest
+
+    def verify_files(self, generation: Generation, manifest: dict[str, Any], names: list[str]) -> None:
+        """Hash `names` against the manifest (after a verify(defer_pages=True))."""
+        for name in names:
+            self._verify_file(generation, name, manifest["files"][name])
 
     def _check_signature(self, generation: Generation, manifest: dict[str, Any]) -> None:
         if self.signing_key is None:
@@ -473,7 +488,7 @@ class Store:
             )
 
     @staticmethod
-    def _verify_file(generation: Generation, name: str, expected: Any) -> None:
+    def _verify_file(generation: Generation, name: str, expected: Any, hash_it: bool = True) -> None:
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _BOOKKEEPING:
             raise VerificationFailed(f"{generation.name}: manifest names an unsafe path {name!r}")
         if not isinstance(expected, dict):
@@ -489,6 +504,8 @@ class Store:
             raise VerificationFailed(
                 f"{generation.name}: {name} is {info.st_size} bytes, the manifest says {expected.get('size')} (truncated?)"
             )
+        if not hash_it:
+            return
         try:
             _, digest = hash_file(path)
         except OSError as error:

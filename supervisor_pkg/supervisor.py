@@ -18,6 +18,7 @@ during a dump cannot start a second dump.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -39,7 +40,7 @@ from supervisor_pkg.errors import (
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import Generation, PageHasher, Store, identity, read_signing_key
+from supervisor_pkg.store import Generation, PageHasher, Store, identity, is_page_image, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
@@ -50,10 +51,33 @@ FORWARDED_SIGNALS = frozenset(
 )
 _STDIO_FDS = (0, 1, 2)
 LEASE_LOST = "lease-lost"
+LAZY_VERIFIED = "lazy-pages-verified"
+# Restore lazily (CKPT_LAZY=auto) above this many bytes of page images. Measured
+# here (docs/benchmarks.md): a full restore's first answer grows ~0.6 s per GiB
+# plus ~0.65 s per GiB of hashing before it; a lazy one stays ~0.1-0.2 s. Below
+# 256 MiB the full restore is within ~0.2 s of lazy and verifies every byte first.
+LAZY_THRESHOLD_BYTES = 256 << 20
+LAZY_WORK_ROOT = "/run/criu-supervisor"
 # A notice shorter than this (GCP, Azure: ~30 s) goes straight to the final checkpoint;
 # a longer one (AWS: 2 min) gets a leave-running safety net first.
 LONG_NOTICE_SECONDS = 45.0
 _STARTED_AT = time.time()
+
+
+@dataclasses.dataclass
+class LazyRestore:
+    """A restore whose pages are still arriving, and whose page images are still being verified."""
+
+    generation: Generation
+    manifest: dict[str, Any]
+    daemon: criu.LazyPagesDaemon
+    started: float
+    daemon_done: bool = False
+    verified: bool = False
+
+
+class LazyProblem(str):
+    """Posted by the background verifier: why the lazily restored app must die."""
 
 
 class State(enum.Enum):
@@ -114,6 +138,7 @@ class Supervisor:
         self.last_checkpoint: dict[str, Any] = {}
         self.last_restore: dict[str, Any] = {}
         self.metrics = metrics.Metrics()
+        self.lazy: LazyRestore | None = None
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -244,8 +269,9 @@ class Supervisor:
             if generation.claimed:
                 reason = f"{generation.name}, the newest state, was already restored by another container"
                 break
+            lazy = self._restore_lazily(generation)
             try:
-                manifest = self.store.verify(generation, local_criu)
+                manifest = self.store.verify(generation, local_criu, defer_pages=lazy)
             except VerificationFailed as error:
                 log.warning("refusing %s: %s", generation.name, error.message)
                 self.store.reject(generation, error.message)
@@ -262,8 +288,9 @@ class Supervisor:
                 reason = f"{generation.name} was claimed by another container"
                 break
             try:
-                self._restore(generation, manifest)
-                self.store.mark_restored(generation)
+                self._restore(generation, manifest, lazy)
+                if self.lazy is None:
+                    self.store.mark_restored(generation)  # a lazy one: once every page is in and verified
                 self.metrics.restore(ok=True, seconds=self.last_restore["seconds"])
             except RestoreFailed as error:
                 self.metrics.restore(ok=False)
@@ -275,7 +302,22 @@ class Supervisor:
             return ""
         return reason
 
-    def _restore(self, generation: Generation, manifest: dict[str, Any]) -> None:
+    def _restore_lazily(self, generation: Generation) -> bool:
+        """CKPT_LAZY: on, off, or auto (big enough, and no signing key demanding verification first)."""
+        if self.config.lazy == "off":
+            return False
+        if self.config.lazy == "on":
+            return True
+        if self.store.signing_key is not None:
+            return False
+        try:
+            files = generation.read_json("manifest.json").get("files", {})
+            page_bytes = sum(int(entry["size"]) for name, entry in files.items() if is_page_image(name))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return False  # verify() will say what is wrong
+        return page_bytes >= LAZY_THRESHOLD_BYTES
+
+    def _restore(self, generation: Generation, manifest: dict[str, Any], lazy: bool = False) -> None:
         started = time.monotonic()
         if carried.ARCHIVE in manifest.get("files", {}):
             try:
@@ -285,10 +327,20 @@ class Supervisor:
             log.info("put back %d carried file(s) from the container's writable layer", len(self.carried_paths))
         inherit = self._inherit_map(manifest.get("app", {}).get("stdio", {}))
         log_name = f"restore-{generation.name}-{_stamp()}.log"
-        self.app_pid = criu.restore(
-            generation.path, self.store.logs, log_name,
-            inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-        )
+        daemon = self._start_lazy_pages(generation, manifest) if lazy else None
+        try:
+            self.app_pid = criu.restore(
+                generation.path, daemon.work_dir if daemon else self.store.logs, log_name,
+                inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+                lazy=daemon is not None,
+            )
+        except RestoreFailed:
+            if daemon is not None:
+                daemon.kill()
+            raise
+        if daemon is not None:
+            self.lazy = LazyRestore(generation, manifest, daemon, started)
+            threading.Thread(target=self._verify_pages_in_background, name="page-verifier", daemon=True).start()
         self.restored_from = generation
         self.last_restore = {
             "generation": generation.name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -296,10 +348,95 @@ class Supervisor:
             "bytes": sum(entry["size"] for entry in manifest["files"].values()),
         }
         log.info(
-            "restored %s (made %s on %s) in %.2f s; app root pid %d",
+            "restored %s (made %s on %s) in %.2f s%s; app root pid %d",
             generation.name, manifest.get("created"), (manifest.get("source") or {}).get("host"),
-            time.monotonic() - started, self.app_pid,
+            time.monotonic() - started, ", lazily: pages arrive in the background" if self.lazy else "",
+            self.app_pid,
         )
+
+    def _start_lazy_pages(self, generation: Generation, manifest: dict[str, Any]) -> criu.LazyPagesDaemon | None:
+        """Start CRIU's lazy-pages daemon; None (restore fully) if it cannot run here."""
+        daemon = criu.LazyPagesDaemon(generation.path, f"{LAZY_WORK_ROOT}/lazy-{generation.name}", "lazy-pages.log",
+                                      log_level=int(self.config.criu_log_level))
+        try:
+            daemon.start()
+        except RestoreFailed as error:
+            log.warning("lazy restore unavailable (%s); restoring fully", error.message)
+            pages = [name for name in manifest["files"] if is_page_image(name)]
+            self.store.verify_files(generation, manifest, pages)  # raises VerificationFailed
+            return None
+        return daemon
+
+    def _verify_pages_in_background(self) -> None:
+        """Hash the page images the daemon is serving; a mismatch kills the app (see _lazy_failed)."""
+        lazy = self.lazy
+        assert lazy is not None
+        pages = [name for name in lazy.manifest["files"] if is_page_image(name)]
+        try:
+            self.store.verify_files(lazy.generation, lazy.manifest, pages)
+        except VerificationFailed as error:
+            self.receiver.post(LazyProblem(error.message))
+            return
+        self.receiver.post(LAZY_VERIFIED)
+
+    def _lazy_progress(self, event: object = None, daemon_status: int | None = None) -> None:
+        """Advance a lazy restore: verified, daemon done, or failed."""
+        lazy = self.lazy
+        if lazy is None:
+            return
+        if isinstance(event, LazyProblem):
+            self._lazy_failed(str(event))
+        if event == LAZY_VERIFIED:
+            lazy.verified = True
+        if daemon_status is not None:
+            if os.waitstatus_to_exitcode(daemon_status) != 0:
+                self._lazy_failed(f"CRIU's lazy-pages daemon failed ({criu.explain(lazy.daemon.log_path)}); "
+                                  f"log: {lazy.daemon.log_path}")
+            lazy.daemon_done = True
+        if lazy.daemon_done and lazy.verified:
+            self.store.mark_restored(lazy.generation)
+            resident = sum(int(e["size"]) for n, e in lazy.manifest["files"].items() if is_page_image(n))
+            log.info("app fully resident: %.0f MiB of pages arrived and verified %.2f s after the restore began",
+                     resident / 1048576, time.monotonic() - lazy.started)
+            self.lazy = None
+
+    def _lazy_failed(self, reason: str) -> None:
+        """Fail safe: an app missing pages would read zeros, one on corrupt pages runs them. Kill it now."""
+        lazy = self.lazy
+        assert lazy is not None
+        log.error("lazy restore of %s failed: %s; killing the app before it runs on missing or corrupt memory",
+                  lazy.generation.name, reason)
+        if self.app_pid is not None and self.app_status is None:
+            os.kill(self.app_pid, signal.SIGKILL)
+        lazy.daemon.kill()
+        self.store.reject(lazy.generation, f"lazy restore failed: {reason}")
+        self.lazy = None
+        raise RestoreFailed(f"lazy restore of {lazy.generation.name} failed: {reason}; the next start falls back "
+                            "to the previous generation or a cold start")
+
+    def _wait_for_lazy_restore(self) -> None:
+        """Before a new checkpoint: every page must be in and verified (CRIU would otherwise fault them in)."""
+        held: list[object] = []  # other events keep their place in the queue
+        try:
+            self._wait_for_lazy_restore_holding(held)
+        finally:
+            self.receiver.put_back(held)
+
+    def _wait_for_lazy_restore_holding(self, held: list[object]) -> None:
+        while self.lazy is not None:
+            lazy = self.lazy
+            if not lazy.daemon_done and lazy.daemon.pid is not None:
+                try:
+                    _pid, status = os.waitpid(lazy.daemon.pid, 0)
+                    self._lazy_progress(daemon_status=status)
+                except ChildProcessError:
+                    lazy.daemon_done = True
+                continue
+            for event in self.receiver.wait(timeout=1.0):
+                if isinstance(event, LazyProblem) or event == LAZY_VERIFIED:
+                    self._lazy_progress(event)
+                else:
+                    held.append(event)
 
     @staticmethod
     def _inherit_map(stdio: dict[str, str]) -> dict[str, int]:
@@ -320,7 +457,9 @@ class Supervisor:
     def _handle(self, event: object) -> None:
         if event == signal.SIGCHLD:
             return  # reaped right after
-        if event == LEASE_LOST:
+        if isinstance(event, LazyProblem) or event == LAZY_VERIFIED:
+            self._lazy_progress(event)
+        elif event == LEASE_LOST:
             self._fenced()
         elif isinstance(event, ControlRequest):
             self._on_control(event)
@@ -412,6 +551,8 @@ class Supervisor:
                 return
             if pid == self.app_pid:
                 self.app_status = status
+            elif self.lazy is not None and pid == self.lazy.daemon.pid:
+                self._lazy_progress(daemon_status=status)
             else:
                 log.debug("reaped orphan %d (status %d)", pid, status)
 
@@ -518,6 +659,7 @@ class Supervisor:
         """
         assert self.app_pid is not None
         requested = time.monotonic()
+        self._wait_for_lazy_restore()
         if self.lease is None:
             raise StoreError(f"checkpoint impossible: {self.volume_problem}")
         self.lease.check()
