@@ -56,6 +56,16 @@ def version() -> str:
     return match.group(1)
 
 
+@functools.cache
+def has_feature(name: str) -> bool:
+    """`criu check --feature NAME` succeeded (e.g. mem_dirty_track: soft-dirty pre-dumps)."""
+    try:
+        result = subprocess.run([CRIU_BINARY, "check", "--feature", name], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
 def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 

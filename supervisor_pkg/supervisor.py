@@ -139,6 +139,7 @@ class Supervisor:
         self.last_restore: dict[str, Any] = {}
         self.metrics = metrics.Metrics()
         self.lazy: LazyRestore | None = None
+        self._announced_dirty_tracking = False
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -503,7 +504,14 @@ class Supervisor:
             self._final_checkpoint(notice)
             return
         # A long notice: a safety net now, then the final checkpoint as late as is safe,
-        # so that work done after the notice is not lost.
+        # so that work done after the notice is not lost. Where the kernel tracks
+        # dirty pages, the final dump could write only what changed since the safety
+        # net (a CRIU pre-dump chain); that is not built yet, so both are full dumps.
+        if not self._announced_dirty_tracking:
+            self._announced_dirty_tracking = True
+            log.info("incremental final dump: %s", "soft-dirty tracking is available, but incremental dumps are not "
+                     "implemented yet; the final dump is a full one" if criu.has_feature("mem_dirty_track") else
+                     "not possible (the kernel has no soft-dirty tracking); the final dump is a full one")
         final_in = max(0.0, left - self.config.deadline_margin)
         if self.final_at is None or time.monotonic() + final_in < self.final_at:
             self.final_at, self.pending_final = time.monotonic() + final_in, notice
