@@ -196,6 +196,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_AZURE_METADATA_URL", "http://169.254.169.254", _url, "Base URL of Azure's instance metadata service."),
     Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _path,
             "The local control socket used by `criu-supervisor checkpoint` and `status`."),
+    Setting("CKPT_COMPRESS", "none", _choice("none", "zstd", "lz4"),
+            "Compress page images on their way to the volume (CRIU dumps to local scratch space, the pages are "
+            "streamed compressed to the volume while CRIU writes): fewer bytes on slow network volumes."),
     Setting("CKPT_LAZY", "auto", _choice("auto", "on", "off"),
             "Restore lazily (pages fetched on first touch by CRIU's lazy-pages daemon, the rest pushed in the "
             "background): the app answers in ~0.1 s whatever its size. auto: when the pages exceed 256 MiB and no "
@@ -237,6 +240,7 @@ class Config:
     gcp_metadata_url: str
     azure_metadata_url: str
     control_socket: str
+    compress: str
     lazy: str
     io_uring: str
     share_ipc: bool

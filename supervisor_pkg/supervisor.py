@@ -22,12 +22,14 @@ import dataclasses
 import enum
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Any
 
-from supervisor_pkg import carried, criu, launcher, metrics
+from supervisor_pkg import carried, compression, criu, launcher, metrics
 from supervisor_pkg.config import Config
 from supervisor_pkg.errors import (
     CriuError,
@@ -312,8 +314,11 @@ class Supervisor:
         if self.store.signing_key is not None:
             return False
         try:
-            files = generation.read_json("manifest.json").get("files", {})
+            manifest = generation.read_json("manifest.json")
+            files = manifest.get("files", {})
             page_bytes = sum(int(entry["size"]) for name, entry in files.items() if is_page_image(name))
+            page_bytes += sum(int(entry["raw_size"]) for entry in (manifest.get("compression") or {})
+                              .get("pages", {}).values())
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return False  # verify() will say what is wrong
         return page_bytes >= LAZY_THRESHOLD_BYTES
@@ -328,10 +333,18 @@ class Supervisor:
             log.info("put back %d carried file(s) from the container's writable layer", len(self.carried_paths))
         inherit = self._inherit_map(manifest.get("app", {}).get("stdio", {}))
         log_name = f"restore-{generation.name}-{_stamp()}.log"
-        daemon = self._start_lazy_pages(generation, manifest) if lazy else None
+        images_dir = generation.path
+        if "compression" in manifest:
+            images_dir = f"{compression.LOCAL_ROOT}/restore-{generation.name}"
+            try:
+                compression.expand(generation.path, manifest, images_dir)
+            except Exception as error:  # OSError, or the codec's own errors on a bad stream
+                raise RestoreFailed(f"restore failed: cannot expand the compressed images: {error}") from error
+            log.info("expanded %s's compressed page images in %.2f s", generation.name, time.monotonic() - started)
+        daemon = self._start_lazy_pages(generation, manifest, images_dir) if lazy else None
         try:
             self.app_pid = criu.restore(
-                generation.path, daemon.work_dir if daemon else self.store.logs, log_name,
+                images_dir, daemon.work_dir if daemon else self.store.logs, log_name,
                 inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
                 lazy=daemon is not None,
             )
@@ -339,6 +352,9 @@ class Supervisor:
             if daemon is not None:
                 daemon.kill()
             raise
+        finally:
+            if images_dir != generation.path and daemon is None:
+                shutil.rmtree(images_dir, ignore_errors=True)  # restored: CRIU needs the images no more
         if daemon is not None:
             self.lazy = LazyRestore(generation, manifest, daemon, started)
             threading.Thread(target=self._verify_pages_in_background, name="page-verifier", daemon=True).start()
@@ -355,9 +371,11 @@ class Supervisor:
             self.app_pid,
         )
 
-    def _start_lazy_pages(self, generation: Generation, manifest: dict[str, Any]) -> criu.LazyPagesDaemon | None:
+    def _start_lazy_pages(
+        self, generation: Generation, manifest: dict[str, Any], images_dir: str
+    ) -> criu.LazyPagesDaemon | None:
         """Start CRIU's lazy-pages daemon; None (restore fully) if it cannot run here."""
-        daemon = criu.LazyPagesDaemon(generation.path, f"{LAZY_WORK_ROOT}/lazy-{generation.name}", "lazy-pages.log",
+        daemon = criu.LazyPagesDaemon(images_dir, f"{LAZY_WORK_ROOT}/lazy-{generation.name}", "lazy-pages.log",
                                       log_level=int(self.config.criu_log_level))
         try:
             daemon.start()
@@ -396,7 +414,10 @@ class Supervisor:
             lazy.daemon_done = True
         if lazy.daemon_done and lazy.verified:
             self.store.mark_restored(lazy.generation)
-            resident = sum(int(e["size"]) for n, e in lazy.manifest["files"].items() if is_page_image(n))
+            if lazy.daemon.images_dir != lazy.generation.path:
+                shutil.rmtree(lazy.daemon.images_dir, ignore_errors=True)
+            resident = sum(int(e["size"]) for n, e in lazy.manifest["files"].items() if is_page_image(n)) + sum(
+                int(e["raw_size"]) for e in (lazy.manifest.get("compression") or {}).get("pages", {}).values())
             log.info("app fully resident: %.0f MiB of pages arrived and verified %.2f s after the restore began",
                      resident / 1048576, time.monotonic() - lazy.started)
             self.lazy = None
@@ -674,15 +695,30 @@ class Supervisor:
         stdio = self._stdio_of(self.app_pid)
         log_name = f"dump-{_stamp()}.log"
         stopped = False
+        scratch: str | None = None
         try:
-            with self.store.staging() as staging, _DumpProgress(staging.path), PageHasher(staging.path) as hasher:
-                result = criu.dump(
-                    self.app_pid, staging.path, self.store.logs, log_name,
-                    tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                )
-                hashed = hasher.finish()
-                stopped = True
-                carried_count = self._carry_files(staging.path)
+            with self.store.staging() as staging:
+                extra: dict[str, Any] = {}
+                if self.config.compress == "none":
+                    images_dir = staging.path
+                    with _DumpProgress(images_dir), PageHasher(images_dir) as hasher:
+                        result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
+                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level))
+                        stopped = True
+                        hashed = hasher.finish()
+                else:
+                    compression.check_available(self.config.compress)
+                    os.makedirs(compression.LOCAL_ROOT, mode=0o700, exist_ok=True)
+                    images_dir = scratch = tempfile.mkdtemp(prefix="dump-", dir=compression.LOCAL_ROOT)
+                    with _DumpProgress(staging.path), compression.PageCompressor(
+                        self.config.compress, images_dir, staging.path
+                    ) as compressor:
+                        result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
+                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level))
+                        stopped = True
+                        hashed, pages = compressor.finish()
+                    extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
+                carried_count = self._carry_files(images_dir, staging.path)
                 if not final:
                     launcher.resume(self.app_pid)
                     stopped = False
@@ -694,6 +730,7 @@ class Supervisor:
                                   "carried_files": carried_count},
                         "app": {"stdio": stdio},
                         "restored_from": self.restored_from.name if self.restored_from else None,
+                        **extra,
                     },
                     before_rename=self.lease.check,
                     hashed=hashed,
@@ -702,6 +739,9 @@ class Supervisor:
             if stopped:
                 launcher.resume(self.app_pid)
             raise
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         if final:
             os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
         manifest = generation.read_json("manifest.json")
@@ -717,14 +757,14 @@ class Supervisor:
             log.debug("pruned %s", ", ".join(removed))
         return generation
 
-    def _carry_files(self, images_dir: str) -> int:
+    def _carry_files(self, images_dir: str, destination: str) -> int:
         """Pack the app's files from the writable layer into the generation (see carried.py)."""
         opened = [carried.OpenFile(path, writable) for path, writable in criu.opened_files(images_dir)]
         paths = carried.select(opened, self.config.state_paths, self.carried_paths,
                                exclude=[self.config.dir], since=_STARTED_AT)
         if paths or self.config.state_paths:
             try:
-                carried.archive(paths, self.config.state_paths, f"{images_dir}/{carried.ARCHIVE}")
+                carried.archive(paths, self.config.state_paths, f"{destination}/{carried.ARCHIVE}")
             except OSError as error:
                 raise StoreError(f"cannot carry the app's files: {error}") from error
             log.info("carrying %d file(s) from the container's writable layer", len(paths))

@@ -64,3 +64,24 @@ def test_a_corrupt_page_image_kills_the_lazily_restored_app_and_is_refused(engin
     replacement.wait_healthy(timeout=60)
     assert "skipping gen-00000001: rejected earlier" in replacement.logs()
     assert "started the app fresh" in replacement.logs()
+
+
+def test_compressed_checkpoints_migrate_and_never_put_raw_pages_on_the_volume(engine: Docker) -> None:
+    volume = engine.volume()
+    app = engine.run(KV_IMAGE, volume=volume, env={**FAST, "CKPT_COMPRESS": "zstd"})
+    app.wait_healthy()
+    app.http("PUT", "/kv/k", "zstd")
+    assert app.stop() == 0
+    hop = engine.run(KV_IMAGE, volume=volume, env={**FAST, "CKPT_COMPRESS": "lz4", "CKPT_LAZY": "off"})
+    hop.wait_healthy(timeout=60)
+    assert hop.http("GET", "/kv/k") == "zstd" and "expanded gen-00000001" in hop.logs()
+    hop.http("PUT", "/kv/k", "lz4")
+    assert hop.stop() == 0
+    listing = docker("run", "--rm", "--network", "none", "-v", f"{volume}:/checkpoints", "--entrypoint", "sh",
+                     BASE_IMAGE, "-c", "ls /checkpoints/default/gen-*/").stdout
+    assert ".zst" in listing or ".lz4" in listing
+    assert not re.search(r"^pages-\d+\.img$", listing, re.MULTILINE), listing
+    last = engine.run(KV_IMAGE, volume=volume, env={**FAST, "CKPT_LAZY": "on"})
+    last.wait_healthy(timeout=60)
+    assert last.http("GET", "/kv/k") == "lz4"
+    last.wait_log("app fully resident", timeout=60)
