@@ -19,8 +19,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 store: dict[str, str] = {}
 lock = threading.Lock()
 stats = {"pid": os.getpid(), "started": time.time(), "requests": 0}
-# Optional ballast, for benchmarks: KV_BALLAST_MIB of incompressible memory.
-ballast = os.urandom(int(os.environ.get("KV_BALLAST_MIB", "0")) << 20)
+# Optional ballast, for benchmarks: KV_BALLAST_MIB of memory, of KV_BALLAST_KIND:
+#   random   incompressible bytes (the default)
+#   zeros    mostly zero pages with some random ones (1 in 8), like a sparse cache
+#   typical  a real Python heap: a million small dicts with strings and numbers
+
+
+def make_ballast(mib: int, kind: str) -> object:
+    if kind == "zeros":
+        block = bytearray(8 << 20)
+        block[: 1 << 20] = os.urandom(1 << 20)
+        return [bytearray(block) for _ in range(mib // 8)]
+    if kind == "typical":
+        records = []  # about 580 bytes of heap per record, measured
+        for number in range(mib * 1800):
+            records.append({"id": number, "name": f"user-{number}", "email": f"user{number}@example.com",
+                            "tags": ["alpha", "beta", str(number % 97)], "score": number * 0.5})
+        return records
+    return os.urandom(mib << 20)
+
+
+ballast = make_ballast(int(os.environ.get("KV_BALLAST_MIB", "0")), os.environ.get("KV_BALLAST_KIND", "random"))
 
 
 class Handler(BaseHTTPRequestHandler):
