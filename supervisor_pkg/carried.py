@@ -25,7 +25,7 @@ import dataclasses
 import os
 import stat
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 ARCHIVE = "carried-files.tar"
 _NEVER = ("/proc", "/sys", "/dev", "/run/secrets")
@@ -105,10 +105,33 @@ def members(source: str) -> list[str]:
         return ["/" + member.name for member in tar.getmembers() if member.isfile()]
 
 
-def extract(source: str) -> list[str]:
+def _safe_member_filter(exclude: Iterable[str]) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo]:
+    """Only plain files and directories at relative paths outside /proc, /sys, /dev and `exclude`.
+
+    Extracting at "/", tarfile's own 'tar' filter refuses nothing: '..' cannot
+    leave "/" and a leading "/" is silently stripped. So names are checked here,
+    before anything is written, even though the archive's hash (and signature,
+    with a key) was verified already.
+    """
+    forbidden = tuple(prefix.rstrip("/") + "/" for prefix in (*_NEVER, *exclude))
+
+    def check(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+        name = member.name
+        if not name or name.startswith("/") or ".." in name.split("/") or not (member.isfile() or member.isdir()):
+            raise tarfile.FilterError(f"refusing carried entry {name!r}: only plain files at relative paths")
+        if ("/" + name.rstrip("/") + "/").startswith(forbidden):
+            raise tarfile.FilterError(f"refusing carried entry {name!r}: that location is never written")
+        return tarfile.tar_filter(member, destination)  # also clears setuid/setgid bits
+
+    return check
+
+
+def extract(source: str, exclude: Iterable[str] = ()) -> list[str]:
     """Put the carried files back at their paths. Returns the files restored."""
+    check = _safe_member_filter(exclude)
     with tarfile.open(source) as tar:
-        # The 'tar' filter refuses absolute paths, '..' and links leaving the
-        # destination, even though the archive's hash was verified already.
-        tar.extractall("/", filter="tar")
-        return ["/" + member.name for member in tar.getmembers() if member.isfile()]
+        members = tar.getmembers()
+        for member in members:  # refuse the whole archive before writing anything
+            check(member, "/")
+        tar.extractall("/", members=members, filter=check)
+        return ["/" + member.name for member in members if member.isfile()]

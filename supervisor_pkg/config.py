@@ -70,8 +70,9 @@ def _path_list(variable: str, raw: str) -> tuple[str, ...]:
     for part in paths:
         if not part.startswith("/") or "/../" in part + "/":
             raise ConfigError(f"{variable}={raw!r} is not valid: expected absolute paths separated by ':'")
-        if part.rstrip("/") in ("", "/proc", "/sys", "/dev"):
-            raise ConfigError(f"{variable}={raw!r} is not valid: {part} cannot be carried")
+        if part.rstrip("/") == "" or (part.rstrip("/") + "/").startswith(("/proc/", "/sys/", "/dev/")):
+            raise ConfigError(f"{variable}={raw!r} is not valid: {part} cannot be carried (/proc, /sys and /dev "
+                              "are the kernel's, not the app's)")
     return tuple(part.rstrip("/") for part in paths)
 
 

@@ -261,47 +261,119 @@ def _set_tcp(opts: Any, tcp: str) -> None:
         opts.tcp_close = True
 
 
-# CRIU log fragments -> (cause, fix). The first match wins; keep specific before generic.
+# CRIU log messages -> cause; fix. Each was provoked with CRIU 4.2.1 in a real
+# container (tests/integration/test_doctor_and_failures.py, docs/troubleshooting.md)
+# unless marked "not provoked here". Patterns match the message, after CRIU's
+# "Error (file.c:line): " prefix, so that a file name (compel/.../ptrace.c) is
+# never taken for a cause. Specific causes are tried on every error line before
+# the generic ones (_GENERIC_FAILURES): an early, vague EPERM must not hide the
+# real cause logged after it.
 _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
+    # CRIU < 4.2 on kernels >= 6.16 (provoked with Debian trixie's CRIU 4.1.1).
     (r"Can't get \d+:\d+ opt: Operation not supported",
      "this CRIU is too old for the kernel's socket options; use CRIU >= 4.2 (the base image has it)"),
-    (r"Unknown shit 600|anon_inode:\[io_uring\]",
+    # io_uring: a mapped ring fails while CRIU reads the memory map; an unmapped one
+    # when CRIU collects the app's fds, which the kernel refuses to pass (EINVAL).
+    (r"anon_inode:\[io_uring\]",
      "the app uses io_uring, which CRIU cannot dump; keep CKPT_IO_URING=deny"),
-    (r"fsnotify: Can't dump that handle",
+    (r"send_fds failed \(-22\)",
+     "the app most likely holds an io_uring instance, whose fd the kernel will not hand to CRIU; keep "
+     "CKPT_IO_URING=deny"),
+    (r"Can't dump file \d+ of that type|Unknown shit \d+",
+     "the app holds a kind of file CRIU cannot checkpoint (named above); close it before checkpoints, or move "
+     "that work out of the app"),
+    (r"fsnotify:\s*Can't dump that handle",
      "the app holds inotify/fanotify watches; add --cap-add DAC_READ_SEARCH"),
     (r"Can't get rlimit \d+: Operation not permitted",
      "the app runs as another user and CRIU needs CAP_SYS_RESOURCE to read its limits; add --cap-add SYS_RESOURCE"),
+    (r"Unseizable non-zombie|Can't seize|Unable to seize",
+     "CRIU cannot ptrace the app (it runs as another user, or the host restricts ptrace with Yama); add "
+     "--cap-add SYS_PTRACE"),
+    (r"suspending seccomp failed",
+     "CRIU runs under a seccomp filter (Docker's default profile), so it cannot suspend the app's filters; add "
+     "--security-opt seccomp=unconfined"),
+    (r"CRIU needs to have the CAP_SYS_ADMIN",
+     "CRIU needs CAP_SYS_ADMIN; add --cap-add SYS_ADMIN"),
     (r"session leader is outside",
      "the app's session leader is outside its PID namespace; start it through criu-supervisor run"),
+    # Not provoked here: the supervisor always passes tcp_close or tcp_established.
     (r"Connected TCP socket|consider using --tcp-established",
      "the app has established TCP connections; set CKPT_TCP=close or CKPT_TCP=established"),
+    # CKPT_TCP=established: CRIU runs iptables to lock the connections during the dump.
+    (r"Iptables configuration failed|Failed to lock TCP connection",
+     "CKPT_TCP=established locks the app's TCP connections with iptables during the dump: install iptables in "
+     "the app's image and add --cap-add NET_ADMIN, or set CKPT_TCP=close"),
+    # Not provoked here (iptables fails first without NET_ADMIN).
+    (r"TCP repair mode|Can't (turn|set) .*repair",
+     "CKPT_TCP=established needs TCP repair mode; add --cap-add NET_ADMIN"),
+    (r"SO_SNDBUFFORCE|SO_RCVBUFFORCE",
+     "restoring the app's sockets needs CAP_NET_ADMIN; add --cap-add NET_ADMIN"),
+    (r"External socket is used|--ext-unix-sk",
+     "the app is connected to a Unix socket whose other end is outside it (another process in the container, a "
+     "sidecar, /dev/log); start that peer from the app's command so it is checkpointed too, or close the "
+     "connection before checkpoints"),
+    (r"Can't open file .* on restore: No such file or directory",
+     "a file the app had open is missing in this container; mount the same volumes and bind mounts at the same "
+     "paths as in the checkpointed one"),
+    (r"has bad size \d+ \(expect \d+\)",
+     "a file the app had open changed after the checkpoint (another writer, or another image or volume); run the "
+     "same image and keep other writers off the app's open files"),
     (r"\b(tty|pty|ptmx)\b|Can't dump.*terminal",
      "the app is attached to a terminal (docker run -t / tty: true); run without a TTY"),
     (r"timens|clock.*offset|Can't set.*time",
      "the time-namespace offset was denied; add --cap-add SYS_TIME"),
-    (r"ptrace|PTRACE|can't infect|Can't infect|seize",
-     "CRIU cannot ptrace the app: add --cap-add SYS_PTRACE and --security-opt seccomp=unconfined"),
     (r"No space left on device|ENOSPC",
      "the checkpoint volume is full; free space or give CKPT_DIR a larger volume"),
     (r"Read-only file system|EROFS",
      "the checkpoint volume is read-only; mount CKPT_DIR read-write"),
-    (r"File exists|set_tid|PID.*already",
+    # Not provoked with the supervisor (the app has a PID namespace of its own);
+    # provoked with bare CRIU restoring a tree whose PIDs are taken.
+    (r"Can't fork for \d+: File exists|set_tid.*File exists|PID.*already",
      "a PID the app needs is already taken; restore into a fresh container"),
+)
+
+# Tried only when no line has a specific cause.
+_GENERIC_FAILURES: tuple[tuple[str, str], ...] = (
+    (r"ptrace|PTRACE|[Cc]an't infect",
+     "CRIU cannot ptrace the app: add --cap-add SYS_PTRACE and --security-opt seccomp=unconfined"),
     (r"Operation not permitted|EPERM",
      "CRIU lacks a permission; add --cap-add SYS_ADMIN SYS_PTRACE SYS_TIME NET_ADMIN and "
      "--security-opt seccomp=unconfined --security-opt apparmor=unconfined"),
 )
 
 
-# Errors CRIU logs on every run on hosts like ours, which never explain a failure.
-_HARMLESS = (r"tun: Unable to create tun", r"Can't setup RLIMIT_NOFILE", r"RLIMIT_NOFILE")
+# Errors CRIU logs on every run on hosts like ours, which never explain a failure:
+# no /dev/net/tun, no CAP_SYS_RESOURCE for its own fd limit, and (without
+# CAP_NET_ADMIN) the kernel-feature probes that try to create a veth pair.
+_HARMLESS = (r"tun: Unable to create tun", r"Can't setup RLIMIT_NOFILE", r"RLIMIT_NOFILE",
+             r"Unable to create a veth pair", r"reported by netlink: Operation not permitted",
+             r"net: Unexpected error: -1\(Operation not permitted\)")
+
+
+def _clean(line: str) -> str:
+    """The error line alone: no timestamp, PID or parasite prefix, one space between words."""
+    line = re.sub(r"^\(\s*[\d.]+\)\s*", "", line.strip())
+    line = re.sub(r"^(pie:\s*)?\d+:\s*(?=Error)", "", line)
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def _message(line: str) -> str:
+    return re.sub(r"^Error \([^)]*\):\s*", "", line)
+
+
+def _advice(text: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    for pattern, advice in table:
+        if re.search(pattern, _message(text)):
+            return advice
+    return None
 
 
 def explain(log_path: str, error: BaseException | None = None) -> str:
     """One readable line: the CRIU error that explains the failure, its likely cause and fix.
 
-    The first error line with a known cause wins; otherwise the first error line
-    that is not known noise; otherwise pycriu's own message.
+    The first error line with a specific known cause wins, then the first with a
+    generic one; otherwise the first error line that is not known noise;
+    otherwise pycriu's own message.
     """
     try:
         with open(log_path, errors="replace") as log:
@@ -309,18 +381,14 @@ def explain(log_path: str, error: BaseException | None = None) -> str:
     except OSError:
         lines = []
     errors = [
-        re.sub(r"^\(\s*[\d.]+\)\s*", "", line).strip()
+        _clean(line)
         for line in lines
         if ("Error (" in line or "Error:" in line) and not any(re.search(h, line) for h in _HARMLESS)
     ]
-    for line in errors:
-        for pattern, advice in _KNOWN_FAILURES:
-            if re.search(pattern, line):
-                return f"{line} -> {advice}"
-    if errors:
-        return errors[0]
     fallback = str(error) if error else "CRIU gave no reason"
-    for pattern, advice in _KNOWN_FAILURES:
-        if re.search(pattern, fallback):
-            return f"{fallback} -> {advice}"
-    return fallback
+    for table in (_KNOWN_FAILURES, _GENERIC_FAILURES):
+        for line in errors or [fallback]:
+            advice = _advice(line, table)
+            if advice:
+                return f"{line} -> {advice}"
+    return errors[0] if errors else fallback

@@ -22,6 +22,7 @@ so it is not used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -50,14 +51,22 @@ class Lease:
 
     # --- reading --------------------------------------------------------------
     def read(self) -> dict[str, Any] | None:
+        """The lease record; None if there is none. OSError (EIO, ESTALE...) propagates: it says nothing
+        about who holds the lease, so callers retry rather than conclude."""
         try:
-            with open(self.path) as handle:
-                data = json.load(handle)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            return {"unreadable": True}
-        return data if isinstance(data, dict) else {"unreadable": True}
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symlink where the lease should be: nobody's lease
+                return {"unreadable": "symlink"}
+            raise
+        with os.fdopen(fd) as handle:
+            try:
+                data = json.load(handle)
+            except ValueError:
+                return {"unreadable": "not JSON"}
+        return data if isinstance(data, dict) else {"unreadable": "not an object"}
 
     def _record(self) -> dict[str, Any]:
         return {
@@ -99,12 +108,16 @@ class Lease:
                     return "released by its previous holder" if announced else "free"
             except OSError as error:
                 raise StoreError(f"cannot create the lease {self.path}: {error.strerror}") from error
-            current = self.read()
-            if current is None:
-                continue  # released between our create and our read: try again at once
+            try:
+                current = self.read()
+            except OSError as error:
+                current = {"unreadable": error.strerror}
+            if current is None and not announced:
+                continue  # released between our create and our read: try again at once, once
+            current = current or {"unreadable": "vanished"}
             if self._is_previous_life_of_this_container(current):
-                self._take_over()
-                return "left by an earlier run of this same container"
+                if self._take_over(json.dumps(current, sort_keys=True), current):
+                    return "left by an earlier run of this same container"
             content = json.dumps(current, sort_keys=True)
             now = time.monotonic()
             if content != observed:
@@ -114,8 +127,9 @@ class Lease:
                     "lease of host %s container %s has not beaten for %.0f s (CKPT_LEASE_TIMEOUT); taking over",
                     current.get("host"), _short(current.get("container_id")), now - observed_since,
                 )
-                self._take_over()
-                return "expired"
+                if self._take_over(content, current):
+                    return "expired"
+                observed = None  # somebody else took it first: watch the new holder
             if not announced:
                 log.info(
                     "another instance holds the lease (host %s, container %s); waiting up to %.0f s "
@@ -136,13 +150,41 @@ class Lease:
         mine = self.identity.get("container_id")
         return bool(mine) and current.get("container_id") == mine and current.get("host") == self.identity.get("host")
 
-    def _take_over(self) -> None:
-        stale = f"{self.path}.stale-{secrets.token_hex(4)}"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(self.path, stale)  # only one taker's rename of this file succeeds
-            os.unlink(stale)
+    def _take_over(self, stale_content: str, stale: dict[str, Any]) -> bool:
+        """Replace the lease we watched go stale. False if another taker was faster.
+
+        rename() moves whatever lease.json is there *now*. If that is no longer
+        the stale record we watched (a faster taker already replaced it), we put
+        it back with link(), which fails rather than overwrite, and keep waiting.
+        """
+        moved = f"{self.path}.stale-{secrets.token_hex(4)}"
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return False
+        try:
+            with open(moved) as handle:
+                moved_content = json.dumps(json.load(handle), sort_keys=True)
+        except (OSError, ValueError):
+            moved_content = stale_content if "unreadable" in stale else ""
+        if moved_content != stale_content:
+            with contextlib.suppress(OSError):
+                os.link(moved, self.path)  # give the faster taker its lease back
+            with contextlib.suppress(OSError):
+                os.unlink(moved)
+            return False
+        with contextlib.suppress(OSError):
+            os.unlink(moved)
         if not self.try_create():
-            raise LeaseHeld("another instance took over the expired lease at the same moment")
+            return False
+        # A holder frozen in the middle of renew() may still land one late write
+        # over ours. Wait one of its beats and make sure the lease stayed ours.
+        time.sleep(min(float(stale.get("interval") or self.interval), self.timeout / 2))
+        try:
+            self.check()
+        except LeaseLost:
+            return False
+        return True
 
     # --- holding ----------------------------------------------------------------
     def renew(self) -> None:
@@ -150,7 +192,9 @@ class Lease:
         with self._lock:
             if not self.held:
                 return
-            current = self.read()
+            current = self.read()  # OSError propagates: the heartbeat logs it and retries
+            if current is not None and "unreadable" in current:
+                raise OSError(errno.EIO, f"lease file unreadable ({current['unreadable']})")
             if current is None or current.get("owner") != self.token:
                 self.held = False
                 holder = current or {}
@@ -169,7 +213,10 @@ class Lease:
 
     def check(self) -> None:
         """Fencing before publishing: raise LeaseLost unless we still own it."""
-        current = self.read()
+        try:
+            current = self.read()
+        except OSError as error:
+            raise LeaseLost(f"cannot read the lease ({error.strerror}); not publishing without proof of it") from error
         if not self.held or current is None or current.get("owner") != self.token:
             self.held = False
             raise LeaseLost("the lease is no longer ours; not publishing a checkpoint over the new holder's")
@@ -178,9 +225,9 @@ class Lease:
         with self._lock:
             if not self.held:
                 return
-            current = self.read()
-            if current is not None and current.get("owner") == self.token:
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
+                current = self.read()
+                if current is not None and current.get("owner") == self.token:
                     os.unlink(self.path)
             self.held = False
 

@@ -33,6 +33,7 @@ import errno
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from supervisor_pkg.errors import ConfigError, StoreError, VerificationFailed
+
+log = logging.getLogger("criu-supervisor")
 
 MANIFEST = "manifest.json"
 CLAIM = "claim.json"
@@ -372,14 +375,22 @@ class Store:
                     if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                         raise
                     number += 1
-            _fsync_path(self.lineage, directory=True)
-            self._write_pointer(number)
         except OSError as error:
             self.discard(staging)
             raise StoreError(_describe_os_error(error, staging.path)) from error
         except BaseException:
             self.discard(staging)
             raise
+        # Published: the rename made it restorable. What follows only speeds up
+        # readers and durability of the listing; a failure here must not make the
+        # caller believe the checkpoint failed (it would then stop the app and the
+        # replacement would restore the state from before that stop).
+        try:
+            _fsync_path(self.lineage, directory=True)
+            self._write_pointer(number)
+        except OSError as error:
+            log.warning("%s published, but updating the lineage afterwards failed: %s", generation_name(number),
+                        _describe_os_error(error, self.lineage))
         return Generation(number, target)
 
     def _write_pointer(self, number: int) -> None:

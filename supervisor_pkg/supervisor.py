@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import tarfile
 import tempfile
 import threading
 import time
@@ -327,8 +328,8 @@ class Supervisor:
         started = time.monotonic()
         if carried.ARCHIVE in manifest.get("files", {}):
             try:
-                self.carried_paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}")
-            except (OSError, ValueError) as error:
+                self.carried_paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}", exclude=[self.config.dir])
+            except (OSError, ValueError, tarfile.TarError) as error:
                 raise RestoreFailed(f"restore failed: cannot put back the carried files: {error}") from error
             log.info("put back %d carried file(s) from the container's writable layer", len(self.carried_paths))
         inherit = self._inherit_map(manifest.get("app", {}).get("stdio", {}))

@@ -1,0 +1,632 @@
+"""Supervisor: which signal does what, the asserted state machine, and the checkpoint/restore decisions.
+
+os.kill is replaced by a recorder so nothing is really signalled, except in the
+tests that run a real child as the app.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor_pkg import config, criu, launcher
+from supervisor_pkg.errors import DumpFailed, RestoreRequired, StoreError
+from supervisor_pkg.lease import Lease
+from supervisor_pkg.store import Store
+from supervisor_pkg.signals import SignalReceiver
+from supervisor_pkg.supervisor import LEASE_LOST, State, Supervisor
+from supervisor_pkg.triggers import Notice
+
+FAKE_APP_PID = 4_194_305  # above PID_MAX_LIMIT (2**22): never a real process
+FORWARDED = [signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH]
+
+
+class Recorder:
+    """Stands in for os.kill and for the supervisor's checkpoint."""
+
+    def __init__(self) -> None:
+        self.kills: list[tuple[int, int]] = []
+        self.checkpoints = 0
+
+    def kill(self, pid: int, signum: int) -> None:
+        self.kills.append((pid, int(signum)))
+
+    def final_checkpoint(self, notice: Notice, after: str | None = None) -> None:
+        self.checkpoints += 1
+
+
+# A queue only (no handlers installed); one for the module, so no test leaks pipe fds.
+_RECEIVER = SignalReceiver()
+
+
+def make_supervisor(tmp_path: Path, **environment: str) -> Supervisor:
+    loaded = config.load({"CKPT_DIR": str(tmp_path / "checkpoints"), **environment})
+    _RECEIVER.wait(timeout=0)  # nothing left over from another test
+    return Supervisor(loaded, ["app"], receiver=_RECEIVER)
+
+
+@pytest.fixture
+def leased_supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+    """A supervisor that owns its lineage's lease (free on a fresh volume: no waiting)."""
+    supervisor = make_supervisor(tmp_path)
+    supervisor.take_lease()
+    assert supervisor.lease is not None and supervisor.lease.held
+    try:
+        yield supervisor
+    finally:
+        supervisor.release_lease()
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    recording = Recorder()
+    monkeypatch.setattr(os, "kill", recording.kill)
+    return recording
+
+
+def running(supervisor: Supervisor, recorder: Recorder, state: State = State.RUNNING) -> Supervisor:
+    supervisor.app_pid = FAKE_APP_PID
+    supervisor.state = state
+    supervisor._final_checkpoint = recorder.final_checkpoint  # type: ignore[method-assign]
+    return supervisor
+
+
+# --- signal routing ----------------------------------------------------------------------
+@pytest.mark.parametrize("signum", FORWARDED, ids=lambda s: s.name)
+def test_signals_other_than_the_checkpoint_signal_are_forwarded_to_the_app(
+    tmp_path: Path, recorder: Recorder, signum: signal.Signals
+) -> None:
+    supervisor = running(make_supervisor(tmp_path), recorder)
+    supervisor._handle(int(signum))  # the receiver records plain ints
+    assert recorder.kills == [(FAKE_APP_PID, signum)]
+    assert recorder.checkpoints == 0
+
+
+def test_the_default_checkpoint_signal_sigterm_checkpoints_and_is_not_forwarded(tmp_path: Path, recorder: Recorder) -> None:
+    supervisor = running(make_supervisor(tmp_path), recorder)
+    supervisor._handle(int(signal.SIGTERM))
+    assert recorder.checkpoints == 1
+    assert recorder.kills == []
+
+
+def test_with_ckpt_signal_usr1_sigterm_is_forwarded_and_usr1_checkpoints(tmp_path: Path, recorder: Recorder) -> None:
+    supervisor = running(make_supervisor(tmp_path, CKPT_SIGNAL="SIGUSR1"), recorder)
+    supervisor._handle(int(signal.SIGTERM))
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)]
+    assert recorder.checkpoints == 0
+    supervisor._handle(int(signal.SIGUSR1))
+    assert recorder.checkpoints == 1
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)]
+
+
+@pytest.mark.parametrize("checkpoint_signal", ["SIGTERM", "SIGUSR1"])
+def test_after_a_failed_checkpoint_the_checkpoint_signal_asks_the_app_to_stop_with_sigterm(
+    tmp_path: Path, recorder: Recorder, checkpoint_signal: str
+) -> None:
+    supervisor = running(make_supervisor(tmp_path, CKPT_SIGNAL=checkpoint_signal), recorder, State.STOPPING)
+    supervisor._handle(int(signal.Signals[checkpoint_signal]))
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)]
+    assert recorder.checkpoints == 0
+
+
+@pytest.mark.parametrize(
+    "state",
+    [State.STARTING, State.RESTORING, State.COLD_START, State.CHECKPOINTING, State.CHECKPOINTED, State.EXITING],
+)
+def test_the_checkpoint_signal_outside_running_never_starts_a_second_dump(
+    tmp_path: Path, recorder: Recorder, state: State
+) -> None:
+    supervisor = running(make_supervisor(tmp_path), recorder, state)
+    supervisor._handle(int(signal.SIGTERM))
+    assert recorder.checkpoints == 0
+    assert recorder.kills == []
+
+
+def test_sigchld_does_nothing_by_itself(tmp_path: Path, recorder: Recorder) -> None:
+    supervisor = running(make_supervisor(tmp_path), recorder)
+    supervisor._handle(int(signal.SIGCHLD))
+    assert recorder.kills == []
+    assert recorder.checkpoints == 0
+    assert supervisor.state is State.RUNNING
+
+
+def test_nothing_is_forwarded_before_there_is_an_app(tmp_path: Path, recorder: Recorder) -> None:
+    supervisor = make_supervisor(tmp_path)
+    supervisor._handle(int(signal.SIGHUP))
+    assert recorder.kills == []
+
+
+def test_forwarding_to_an_app_that_is_already_gone_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gone(pid: int, signum: int) -> None:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(os, "kill", gone)
+    supervisor = make_supervisor(tmp_path)
+    supervisor.app_pid, supervisor.state = FAKE_APP_PID, State.RUNNING
+    supervisor._handle(int(signal.SIGHUP))  # must not raise
+
+
+@pytest.mark.parametrize("state", [State.EXITING, State.STOPPING])
+def test_no_signal_is_sent_to_the_app_pid_after_the_app_was_reaped(
+    tmp_path: Path, recorder: Recorder, state: State
+) -> None:
+    # Regression: after the final checkpoint _wait_for_app reaped the app, later signals of the same batch
+    # were still sent to its old PID, which the kernel may already have given to another process.
+    supervisor = make_supervisor(tmp_path)
+    supervisor.app_pid, supervisor.state = FAKE_APP_PID, state
+    supervisor._handle(int(signal.SIGHUP))
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGHUP)], "not reaped yet: forwarded"
+    supervisor.app_status = 0  # reaped
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
+        supervisor._handle(int(signum))
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGHUP)]
+
+
+# --- the state machine ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path",
+    [
+        [State.RESTORING, State.RUNNING, State.CHECKPOINTING, State.CHECKPOINTED, State.EXITING],
+        [State.COLD_START, State.RUNNING, State.CHECKPOINTING, State.FAILED, State.STOPPING, State.EXITING],
+        [State.RESTORING, State.COLD_START, State.RUNNING, State.EXITING],
+        [State.RESTORING, State.EXITING],
+        [State.EXITING],
+        [State.COLD_START, State.RUNNING, State.STOPPING, State.EXITING],
+    ],
+    ids=["restore-checkpoint", "cold-failed-stop", "restore-failed-cold", "require-nothing", "early-exit", "fenced"],
+)
+def test_the_documented_paths_are_legal(tmp_path: Path, path: list[State]) -> None:
+    supervisor = make_supervisor(tmp_path)
+    for state in path:
+        supervisor._transition(state)
+    assert supervisor.state is path[-1]
+
+
+@pytest.mark.parametrize(
+    ("start", "illegal"),
+    [
+        (State.STARTING, State.RUNNING),
+        (State.STARTING, State.CHECKPOINTING),
+        (State.RUNNING, State.CHECKPOINTED),
+        (State.RUNNING, State.RESTORING),
+        (State.CHECKPOINTING, State.EXITING),
+        (State.CHECKPOINTING, State.CHECKPOINTING),
+        (State.FAILED, State.EXITING),
+        (State.CHECKPOINTED, State.RUNNING),
+        (State.EXITING, State.RUNNING),
+        (State.EXITING, State.EXITING),
+    ],
+    ids=lambda s: s.value,
+)
+def test_an_illegal_transition_raises_and_leaves_the_state_alone(tmp_path: Path, start: State, illegal: State) -> None:
+    supervisor = make_supervisor(tmp_path)
+    supervisor.state = start
+    with pytest.raises(AssertionError, match=f"illegal transition {start.value} -> {illegal.value}"):
+        supervisor._transition(illegal)
+    assert supervisor.state is start
+
+
+# --- the checkpoint path, with a fake CRIU and a real child as the app ------------------------
+@pytest.fixture
+def real_app() -> Iterator[int]:
+    """A real `sleep` standing in for the app's namespace init; killed and reaped even if the test fails."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGCONT):
+                signal.signal(signum, signal.SIG_DFL)
+            os.execvp("sleep", ["sleep", "300"])
+        finally:
+            os._exit(127)
+    yield pid
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def process_state(pid: int) -> str:
+    """The kernel's state letter of `pid`: 'T' stopped, 'S'/'R' running, 'Z' dead but not reaped, '' gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+class CheckpointWorld:
+    """A fake CRIU over a real app process, recording each step and the app's state at that moment.
+
+    Like CRIU with leave_stopped, the fake dump leaves the app stopped (SIGSTOP) and
+    writes images. launcher.resume is the real one, with namespace_members narrowed to
+    the app (the real lookup would SIGCONT every process of our own PID namespace).
+    """
+
+    def __init__(
+        self, supervisor: Supervisor, app: int, monkeypatch: pytest.MonkeyPatch, sleep_until: Callable[..., Any]
+    ) -> None:
+        self.supervisor = supervisor
+        self.sleep_until = sleep_until
+        self.app = app
+        self.steps: list[tuple[str, str]] = []
+        self.dump_options: list[dict[str, Any]] = []
+        self.during_dump: list[Any] = []  # things that happen "while CRIU runs"
+        self.files_failure: Exception | None = None
+        real_kill, real_resume, real_publish = os.kill, launcher.resume, supervisor.store.publish
+
+        def fake_dump(pid: int, images_dir: str, log_dir: str, log_name: str, **options: Any) -> criu.DumpResult:
+            assert pid == app
+            self.dump_options.append(options)
+            real_kill(pid, signal.SIGSTOP)
+            sleep_until(lambda: process_state(pid) == "T", timeout=10, what="the app to stop")
+            Path(images_dir, "pages-1.img").write_bytes(b"memory of the app")
+            Path(images_dir, "core-1.img").write_bytes(b"registers")
+            for happen in self.during_dump:
+                happen()
+            self._step("dump")
+            return criu.DumpResult(seconds=0.01, log_path=os.path.join(log_dir, log_name))
+
+        def fake_opened_files(images_dir: str) -> list[tuple[str, bool]]:
+            self._step("carry")
+            if self.files_failure is not None:
+                raise self.files_failure
+            return []  # the real one reads files.img through pycriu
+
+        def recording_resume(init_pid: int) -> None:
+            self._step("resume")
+            real_resume(init_pid)
+
+        def recording_publish(*args: Any, **kwargs: Any) -> Any:
+            self._step("publish")
+            generation = real_publish(*args, **kwargs)
+            self._step("published")
+            return generation
+
+        def recording_kill(pid: int, signum: int) -> None:
+            if pid == app and signum not in (signal.SIGCONT, signal.SIGSTOP):
+                self._step(signal.Signals(signum).name)
+            real_kill(pid, signum)
+
+        monkeypatch.setattr(criu, "dump", fake_dump)
+        monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+        monkeypatch.setattr(criu, "opened_files", fake_opened_files)
+        monkeypatch.setattr(launcher, "namespace_members", lambda init_pid: [init_pid] if init_pid == app else [])
+        monkeypatch.setattr(launcher, "resume", recording_resume)
+        monkeypatch.setattr(supervisor.store, "publish", recording_publish)
+        monkeypatch.setattr(os, "kill", recording_kill)
+        supervisor.app_pid, supervisor.state = app, State.RUNNING
+
+    def _step(self, name: str) -> None:
+        self.steps.append((name, process_state(self.app)))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.steps]
+
+    def state_at(self, name: str) -> str:
+        [state] = [state for step, state in self.steps if step == name]
+        return state
+
+    def reap_app(self) -> int:
+        """Collect the app the way the supervise loop does; return its wait status."""
+        supervisor = self.supervisor
+
+        def reaped() -> bool:
+            supervisor._reap()
+            return supervisor.app_status is not None
+
+        self.sleep_until(reaped, timeout=10, what="the app to exit")
+        assert supervisor.app_status is not None
+        return supervisor.app_status
+
+
+@pytest.fixture
+def world(
+    leased_supervisor: Supervisor, real_app: int, monkeypatch: pytest.MonkeyPatch, sleep_until: Callable[..., Any]
+) -> CheckpointWorld:
+    return CheckpointWorld(leased_supervisor, real_app, monkeypatch, sleep_until)
+
+
+def staging_dirs(store: Store) -> list[str]:
+    return [entry for entry in os.listdir(store.lineage) if entry.startswith(".staging-")]
+
+
+def test_a_final_checkpoint_kills_the_app_only_after_the_generation_is_published(world: CheckpointWorld) -> None:
+    supervisor = world.supervisor
+
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert world.names() == ["dump", "carry", "publish", "published", "SIGKILL"]
+    assert world.state_at("publish") == "T", "the app must be alive and stopped while its checkpoint is written"
+    assert world.state_at("SIGKILL") == "T", "killed straight from the stop: it never ran past its checkpoint"
+    assert world.dump_options == [{"tcp": "close", "log_level": 4}], "no leave_running any more: CRIU leaves it stopped"
+    assert supervisor.state is State.EXITING
+    assert supervisor.exit_code == 0
+    assert supervisor.app_status is not None, "the killed app must have been reaped"
+    assert os.WIFSIGNALED(supervisor.app_status) and os.WTERMSIG(supervisor.app_status) == signal.SIGKILL
+    generations = supervisor.store.generations()
+    assert [g.name for g in generations] == ["gen-00000001"]
+    manifest = supervisor.store.verify(generations[0], "4.2.1")
+    assert manifest["stats"]["final"] is True
+    assert set(manifest["files"]) == {"pages-1.img", "core-1.img"}
+    assert supervisor.lease is not None and not supervisor.lease.held, "released: the replacement may restore"
+    assert not os.path.exists(supervisor.lease.path)
+
+
+def _volume_full_when_publishing(world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_rename = os.rename
+
+    def rename(source: str, target: str) -> None:
+        if os.path.basename(target).startswith("gen-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def _lease_taken_over_during_the_dump(world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    lease = world.supervisor.lease
+    assert lease is not None
+
+    def take_over() -> None:  # what another instance does after judging our lease expired
+        os.unlink(lease.path)
+        assert Lease(os.path.dirname(lease.path), {"host": "other-host", "container_id": "other"}, 5, 30).try_create()
+
+    world.during_dump.append(take_over)
+
+
+def _files_img_unreadable(world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.files_failure = DumpFailed("cannot read the dump's file list: truncated files.img")
+
+
+PUBLISH_FAILURES = [
+    (_volume_full_when_publishing, "publish", "the checkpoint volume is full"),
+    (_lease_taken_over_during_the_dump, "publish", "the lease is no longer ours"),
+    (_files_img_unreadable, "carry", "cannot read the dump's file list"),
+]
+
+
+@pytest.mark.parametrize(
+    ("failure", "last_step", "logged"), PUBLISH_FAILURES, ids=["ENOSPC", "LeaseLost", "files.img"]
+)
+def test_a_failure_after_the_dump_resumes_the_app_then_stops_it_gracefully_and_publishes_nothing(
+    world: CheckpointWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: Any,
+    last_step: str,
+    logged: str,
+) -> None:
+    supervisor = world.supervisor
+    failure(world, monkeypatch)
+
+    supervisor._handle(int(signal.SIGTERM))
+
+    steps = world.names()
+    assert steps == ["dump", "carry", *(["publish"] if last_step == "publish" else []), "resume", "SIGTERM"]
+    assert world.state_at("resume") == "T"
+    assert world.state_at("SIGTERM") in ("R", "S"), "the app must be alive and running when asked to stop"
+    assert logged in caplog.text
+    assert (supervisor.state, supervisor.exit_code) == (State.STOPPING, None)
+    # The app lived until our SIGTERM, and that SIGTERM is what ended it.
+    status = world.reap_app()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    supervisor._app_exited()
+    assert (supervisor.state, supervisor.exit_code) == (State.EXITING, 128 + signal.SIGTERM)
+    assert supervisor.store.generations() == []
+    assert staging_dirs(supervisor.store) == []
+    assert not os.path.exists(os.path.join(supervisor.store.lineage, "latest"))
+
+
+def test_a_fenced_checkpoint_leaves_the_new_holders_lease_alone(
+    world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = world.supervisor
+    _lease_taken_over_during_the_dump(world, monkeypatch)
+    supervisor._handle(int(signal.SIGTERM))
+    supervisor.release_lease()
+    assert supervisor.lease is not None
+    assert (supervisor.lease.read() or {}).get("container_id") == "other"
+
+
+def test_a_leave_running_checkpoint_resumes_the_app_before_publishing(world: CheckpointWorld) -> None:
+    supervisor = world.supervisor
+
+    generation = supervisor.checkpoint(final=False, trigger="periodic")
+
+    assert world.names() == ["dump", "carry", "resume", "publish", "published"]
+    assert world.state_at("carry") == "T", "carried files are copied while the app is stopped, matching its memory"
+    assert world.state_at("publish") in ("R", "S"), "the app must not wait for the volume"
+    assert process_state(world.app) in ("R", "S"), "still running, not killed"
+    assert supervisor.app_status is None
+    assert generation.name == "gen-00000001"
+    assert supervisor.store.verify(generation, "4.2.1")["stats"]["final"] is False
+    assert supervisor.lease is not None and supervisor.lease.held
+
+
+def test_a_leave_running_checkpoint_that_fails_to_publish_resumes_the_app_once_and_keeps_it_running(
+    world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _volume_full_when_publishing(world, monkeypatch)
+    failures: list[str] = []
+    supervisor = world.supervisor
+
+    supervisor._handle(Notice(source="periodic", final=False, on_failed=failures.append))
+
+    assert world.names() == ["dump", "carry", "resume", "publish"], "resumed once, before publishing, not again"
+    assert process_state(world.app) in ("R", "S")
+    assert supervisor.state is State.RUNNING
+    assert len(failures) == 1 and "full" in failures[0]
+    assert supervisor.store.generations() == []
+    assert staging_dirs(supervisor.store) == []
+
+
+def test_a_failed_dump_falls_back_to_a_graceful_sigterm_and_publishes_nothing(
+    leased_supervisor: Supervisor, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_dump(*args: Any, **kwargs: Any) -> None:
+        raise DumpFailed("checkpoint failed: ptrace denied", errno=1, log_path="/x/dump.log")
+
+    resumed: list[int] = []
+    monkeypatch.setattr(criu, "dump", failing_dump)
+    monkeypatch.setattr(launcher, "resume", resumed.append)
+    supervisor = leased_supervisor
+    supervisor.app_pid, supervisor.state = FAKE_APP_PID, State.RUNNING
+
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert supervisor.state is State.STOPPING
+    assert supervisor.exit_code is None, "we wait for the app's own exit"
+    assert resumed == [], "CRIU resumes a tree it failed to dump itself"
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)]
+    assert supervisor.store.generations() == []
+    assert staging_dirs(supervisor.store) == []
+
+
+def test_after_the_fallback_the_supervisor_exits_with_the_apps_own_code(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_checkpoint(final: bool, trigger: str = "manual") -> None:
+        raise StoreError("the checkpoint volume is full")
+
+    supervisor = make_supervisor(tmp_path)
+    supervisor.app_pid, supervisor.state = FAKE_APP_PID, State.RUNNING
+    monkeypatch.setattr(supervisor, "checkpoint", failing_checkpoint)
+    supervisor._handle(int(signal.SIGTERM))
+    assert supervisor.state is State.STOPPING
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the app's graceful stop ends with code 3
+        os._exit(3)
+    _, supervisor.app_status = os.waitpid(child, 0)
+    supervisor._app_exited()
+    assert (supervisor.state, supervisor.exit_code) == (State.EXITING, 3)
+
+
+def test_without_a_lease_a_checkpoint_is_refused_before_anything_is_dumped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(criu, "dump", lambda *a, **k: pytest.fail("dumped without owning the lineage"))
+    supervisor = make_supervisor(tmp_path)
+    supervisor.app_pid, supervisor.volume_problem = FAKE_APP_PID, "the checkpoint volume is read-only"
+    with pytest.raises(StoreError, match="checkpoint impossible: the checkpoint volume is read-only"):
+        supervisor.checkpoint(final=True)
+
+
+# --- the lease lost while running: fenced -----------------------------------------------------
+def test_a_lost_lease_stops_the_running_app_with_sigterm(tmp_path: Path, recorder: Recorder) -> None:
+    supervisor = running(make_supervisor(tmp_path), recorder)
+    supervisor._handle(LEASE_LOST)
+    assert supervisor.state is State.STOPPING
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)]
+    assert recorder.checkpoints == 0, "never checkpoint over the new holder's lineage"
+    supervisor._handle(int(signal.SIGTERM))  # docker stop meanwhile: still only a stop request
+    assert recorder.checkpoints == 0
+    assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)] * 2
+
+
+@pytest.mark.parametrize("state", [State.STARTING, State.RESTORING, State.CHECKPOINTING, State.STOPPING])
+def test_a_lost_lease_outside_running_changes_nothing(tmp_path: Path, recorder: Recorder, state: State) -> None:
+    supervisor = running(make_supervisor(tmp_path), recorder, state)
+    supervisor._handle(LEASE_LOST)
+    assert supervisor.state is state
+    assert recorder.kills == []
+
+
+# --- the start-up decision ------------------------------------------------------------------
+def publish_fake_generation(store: Store, criu_version: str = "4.2.1") -> Any:
+    with store.staging() as staging:
+        Path(staging.path, "pages-1.img").write_bytes(os.urandom(256))
+        return store.publish(staging, {"criu_version": criu_version})
+
+
+def test_restore_require_with_an_empty_volume_raises_restore_required(leased_supervisor: Supervisor) -> None:
+    supervisor = leased_supervisor
+    supervisor.config = dataclasses.replace(supervisor.config, restore="require")
+    with pytest.raises(RestoreRequired, match="no checkpoint in"):
+        supervisor.start()
+    assert supervisor.state is State.EXITING
+
+
+def test_a_corrupt_newest_generation_is_rejected_and_the_older_one_is_restored(
+    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = leased_supervisor
+    older = publish_fake_generation(supervisor.store)
+    newest = publish_fake_generation(supervisor.store)
+    with open(os.path.join(newest.path, "pages-1.img"), "r+b") as image:
+        image.truncate(10)
+    restored_from: list[str] = []
+
+    def fake_restore(images_dir: str, *args: Any, **kwargs: Any) -> int:
+        restored_from.append(images_dir)
+        return FAKE_APP_PID
+
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu, "restore", fake_restore)
+    supervisor.start()
+
+    assert restored_from == [older.path]
+    assert supervisor.state is State.RUNNING
+    assert newest.rejected and "truncated" in json.loads(Path(newest.path, "rejected.json").read_text())["reason"]
+    assert older.claimed
+
+
+def test_a_generation_claimed_by_another_container_is_not_restored_twice(
+    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    assert Store(supervisor.store.root, supervisor.store.name).claim(generation)  # the other container
+    spawned: list[list[str]] = []
+
+    def fake_spawn(command: list[str], **options: Any) -> int:
+        spawned.append(command)
+        return FAKE_APP_PID
+
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu, "restore", lambda *a, **k: pytest.fail("restored a claimed generation"))
+    monkeypatch.setattr(launcher, "check_command", lambda command: command[0])
+    monkeypatch.setattr(launcher, "spawn", fake_spawn)
+
+    supervisor.start()
+
+    assert spawned == [["app"]], "the app must start fresh instead"
+    assert supervisor.state is State.RUNNING
+
+
+def test_a_volume_error_while_claiming_is_logged_and_the_app_starts_fresh(
+    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    real_open = os.open
+
+    def failing_open(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith("claim.json"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_open(path, flags, *args, **kwargs)
+
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(os, "open", failing_open)
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu, "restore", lambda *a, **k: pytest.fail("restored without a claim"))
+    monkeypatch.setattr(launcher, "check_command", lambda command: command[0])
+    monkeypatch.setattr(launcher, "spawn", lambda command, **options: spawned.append(command) or FAKE_APP_PID)
+
+    supervisor.start()
+
+    assert spawned == [["app"]]
+    assert supervisor.state is State.RUNNING
+    assert f"cannot claim {generation.name}: I/O error on the checkpoint volume" in caplog.text
+    assert not generation.rejected, "a volume hiccup says nothing against the checkpoint itself"
