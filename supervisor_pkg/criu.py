@@ -49,7 +49,9 @@ def version() -> str:
     try:
         out = subprocess.run([CRIU_BINARY, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise EnvironmentProblem(f"cannot run {CRIU_BINARY}: {error}; use the base image, which ships CRIU 4.2") from error
+        raise EnvironmentProblem(
+            f"cannot run {CRIU_BINARY}: {error}; use the base image, which ships CRIU 4.2"
+        ) from error
     match = re.search(r"Version:\s*(\S+)", out)
     if not match:
         raise EnvironmentProblem(f"cannot read CRIU's version from {out!r}")

@@ -22,6 +22,7 @@ can waitpid() it exactly as we will a restored tree (CRIU's rst_sibling).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -34,6 +35,19 @@ from supervisor_pkg.errors import CommandNotExecutable, CommandNotFound, Environ
 
 NAMESPACE_INIT = ("tini", "--")
 _PR_SET_CHILD_SUBREAPER = 36
+# From <linux/sched.h>; os.CLONE_* and os.unshare() only exist from Python 3.12.
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+
+
+def _unshare(flags: int) -> None:
+    if hasattr(os, "unshare"):
+        _unshare(flags)
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.unshare(flags) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def become_subreaper() -> None:
@@ -80,10 +94,8 @@ def namespace_members(init_pid: int) -> list[int]:
 def resume(init_pid: int) -> None:
     """SIGCONT the whole app tree (CRIU left it stopped after a dump)."""
     for pid in namespace_members(init_pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
 
 IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
@@ -124,7 +136,7 @@ def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True) -
     if deny_io_uring:
         check_io_uring_filter_available()
     init_argv = [*NAMESPACE_INIT, *cmd]
-    flags = os.CLONE_NEWPID | (0 if share_ipc else os.CLONE_NEWIPC)
+    flags = CLONE_NEWPID | (0 if share_ipc else CLONE_NEWIPC)
     read_fd, write_fd = os.pipe()
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in the child
@@ -144,7 +156,7 @@ def _middle_child(  # pragma: no cover - runs in the child
     try:
         os.close(read_fd)
         signals.reset_in_child()
-        os.unshare(flags)
+        os.unshare(flags)  # type: ignore[attr-defined,unused-ignore]  # Python >= 3.12
         init_pid = os.fork()
         if init_pid == 0:
             os.close(write_fd)

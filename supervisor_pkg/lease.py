@@ -115,9 +115,10 @@ class Lease:
             if current is None and not announced:
                 continue  # released between our create and our read: try again at once, once
             current = current or {"unreadable": "vanished"}
-            if self._is_previous_life_of_this_container(current):
-                if self._take_over(json.dumps(current, sort_keys=True), current):
-                    return "left by an earlier run of this same container"
+            if self._is_previous_life_of_this_container(current) and self._take_over(
+                json.dumps(current, sort_keys=True), current
+            ):
+                return "left by an earlier run of this same container"
             content = json.dumps(current, sort_keys=True)
             now = time.monotonic()
             if content != observed:
@@ -144,7 +145,9 @@ class Lease:
                     "another instance is running this app; give each replica its own CKPT_NAME"
                 )
             if should_stop(min(1.0, max(0.05, self.interval / 2))):
-                raise StoppedWhileWaiting("stopped while waiting for the lease; nothing was running, nothing to checkpoint")
+                raise StoppedWhileWaiting(
+                    "stopped while waiting for the lease; nothing was running, nothing to checkpoint"
+                )
 
     def _is_previous_life_of_this_container(self, current: dict[str, Any]) -> bool:
         mine = self.identity.get("container_id")
@@ -254,7 +257,8 @@ class Heartbeat(threading.Thread):
                 return
             except OSError as error:
                 if not self._failing:  # log once per state change, not once per beat
-                    log.warning("cannot renew the lease (%s); retrying every %.0f s", error.strerror, self.lease.interval)
+                    log.warning("cannot renew the lease (%s); retrying every %.0f s",
+                                error.strerror, self.lease.interval)
                     self._failing = True
 
     def stop(self) -> None:

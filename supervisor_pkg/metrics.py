@@ -89,7 +89,7 @@ class Metrics:
 def _histogram(name: str, help_text: str, series: dict[tuple[tuple[str, str], ...], Histogram]) -> list[str]:
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
     for labels, histogram in sorted(series.items()):
-        for bound, count in zip(BUCKETS, histogram.counts):
+        for bound, count in zip(BUCKETS, histogram.counts, strict=True):
             lines.append(f"{name}_bucket{_labels((*labels, ('le', f'{bound:g}')))} {count}")
         lines.append(f"{name}_bucket{_labels((*labels, ('le', '+Inf')))} {histogram.count}")
         lines.append(f"{name}_sum{_labels(labels)} {histogram.total}")

@@ -11,6 +11,7 @@ their requests the same way with `post()`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import select
 import signal
@@ -61,10 +62,8 @@ class SignalReceiver:
     def post(self, event: object) -> None:
         """Queue a non-signal event (from any thread) and wake the loop."""
         self._events.append(event)
-        try:
+        with contextlib.suppress(BlockingIOError):  # a full pipe: the loop is already due to wake
             os.write(self._write_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is already due to wake
 
     def put_back(self, events: list[object]) -> None:
         """Return events taken by a nested wait, in order, ahead of anything newer."""
@@ -73,10 +72,8 @@ class SignalReceiver:
             self.post_wakeup()
 
     def post_wakeup(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.write(self._write_fd, b"\0")
-        except BlockingIOError:
-            pass
 
     def wait(self, timeout: float | None) -> list[object]:
         """Block until something is recorded or `timeout` passes; return it all."""

@@ -425,7 +425,7 @@ class Store:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             results = pool.map(digest, names)
-            return {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, results)}
+            return {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, results, strict=True)}
 
     # --- verification, claims, rejection -----------------------------------
     def verify(
@@ -513,7 +513,8 @@ class Store:
             raise VerificationFailed(f"{generation.name}: {name} is not a regular file")
         if info.st_size != expected.get("size"):
             raise VerificationFailed(
-                f"{generation.name}: {name} is {info.st_size} bytes, the manifest says {expected.get('size')} (truncated?)"
+                f"{generation.name}: {name} is {info.st_size} bytes, "
+                f"the manifest says {expected.get('size')} (truncated?)"
             )
         if not hash_it:
             return

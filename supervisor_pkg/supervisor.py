@@ -32,6 +32,7 @@ from typing import Any
 
 from supervisor_pkg import carried, compression, criu, launcher, metrics
 from supervisor_pkg.config import Config
+from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
     CriuError,
     LeaseLost,
@@ -40,7 +41,6 @@ from supervisor_pkg.errors import (
     StoreError,
     VerificationFailed,
 )
-from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
 from supervisor_pkg.store import Generation, PageHasher, Store, identity, is_page_image, read_signing_key
@@ -117,7 +117,9 @@ def exit_code_for(status: int) -> int:
 
 
 class Supervisor:
-    def __init__(self, config: Config, command: list[str], receiver: SignalReceiver, store: Store | None = None) -> None:
+    def __init__(
+        self, config: Config, command: list[str], receiver: SignalReceiver, store: Store | None = None
+    ) -> None:
         self.config = config
         self.command = command
         self.receiver = receiver
@@ -671,7 +673,8 @@ class Supervisor:
             "app_pid": self.app_pid,
             "app_pids": launcher.namespace_members(self.app_pid) if self.app_pid and self.app_status is None else [],
             "lineage": self.store.lineage,
-            "lease": {k: v for k, v in (lease or {}).items() if k != "owner"} | {"held": bool(self.lease and self.lease.held)},
+            "lease": {k: v for k, v in (lease or {}).items() if k != "owner"}
+            | {"held": bool(self.lease and self.lease.held)},
             "triggers": list(self.active_triggers.names) if self.active_triggers else [],
             "next_periodic_in": None if self.next_periodic is None else round(self.next_periodic - time.monotonic(), 1),
             "final_checkpoint_in": None if self.final_at is None else round(self.final_at - time.monotonic(), 1),
