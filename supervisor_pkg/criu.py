@@ -21,7 +21,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed
@@ -108,6 +108,7 @@ def dump(
     *,
     tcp: str,
     log_level: int = 4,
+    external: Sequence[str] = (),
 ) -> DumpResult:
     """Checkpoint the tree rooted at `pid` into `images_dir`, and leave it STOPPED.
 
@@ -122,6 +123,9 @@ def dump(
         client = _new_client(images_fd, work_fd, log_name, log_level)
         client.opts.pid = pid
         client.opts.leave_stopped = True
+        # Resources outside the tree that CRIU must not try to dump, e.g. the
+        # container runtime's terminal 'tty[rdev:dev]' under `docker run -t`.
+        client.opts.external.extend(sorted(set(external)))
         _set_tcp(client.opts, tcp)
         started = time.monotonic()
         try:

@@ -275,6 +275,11 @@ class Supervisor:
             if generation.claimed:
                 reason = f"{generation.name}, the newest state, was already restored by another container"
                 break
+            mismatch = self._terminal_mismatch(generation)
+            if mismatch:
+                log.error("not restoring %s: %s", generation.name, mismatch)
+                reason = mismatch
+                continue
             lazy = self._restore_lazily(generation)
             try:
                 manifest = self.store.verify(generation, local_criu, defer_pages=lazy)
@@ -307,6 +312,19 @@ class Supervisor:
                 continue
             return ""
         return reason
+
+    @staticmethod
+    def _terminal_mismatch(generation: Generation) -> str | None:
+        """A checkpoint made on a terminal can only be restored onto one (CRIU sets tty params)."""
+        try:
+            stdio = generation.read_json("manifest.json").get("app", {}).get("stdio", {})
+        except (OSError, ValueError, AttributeError):
+            return None  # verify() will say what is wrong
+        for fd_text, target in stdio.items():
+            if str(target).startswith("tty[") and not os.isatty(int(fd_text)):
+                return ("it was made on a terminal (docker run -t / tty: true) and this container has none "
+                        "on that fd; start the replacement with -t too")
+        return None
 
     def _restore_lazily(self, generation: Generation) -> bool:
         """CKPT_LAZY: on, off, or auto (big enough, and no signing key demanding verification first)."""
@@ -469,7 +487,7 @@ class Supervisor:
         inherit: dict[str, int] = {}
         for fd_text, target in stdio.items():
             fd = int(fd_text)
-            if not target.startswith(("pipe:[", "socket:[")) or target in inherit:
+            if not target.startswith(("pipe:[", "socket:[", "tty[")) or target in inherit:
                 continue
             try:
                 os.fstat(fd)
@@ -707,7 +725,8 @@ class Supervisor:
                     images_dir = staging.path
                     with _DumpProgress(images_dir), PageHasher(images_dir) as hasher:
                         result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
-                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level))
+                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+                                           external=_terminals(stdio))
                         stopped = True
                         hashed = hasher.finish()
                 else:
@@ -718,7 +737,8 @@ class Supervisor:
                         self.config.compress, images_dir, staging.path
                     ) as compressor:
                         result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
-                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level))
+                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+                                           external=_terminals(stdio))
                         stopped = True
                         hashed, pages = compressor.finish()
                     extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
@@ -779,7 +799,13 @@ class Supervisor:
         stdio = {}
         for fd in _STDIO_FDS:
             try:
-                stdio[str(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/pts/"):
+                    # The runtime's terminal (docker run -t) lives outside the tree: CRIU
+                    # names it by device numbers, and inherit-fd gives it the new one.
+                    info = os.stat(f"/proc/{pid}/fd/{fd}")
+                    target = f"tty[{info.st_rdev:x}:{info.st_dev:x}]"
+                stdio[str(fd)] = target
             except OSError:
                 continue
         return stdio
@@ -830,6 +856,10 @@ class _DumpProgress(threading.Thread):
             elapsed = time.monotonic() - self.started
             log.info("dump in progress: %.0f MiB written in %.0f s (%.0f MiB/s)",
                      written / 1048576, elapsed, written / 1048576 / elapsed)
+
+
+def _terminals(stdio: dict[str, str]) -> list[str]:
+    return [target for target in stdio.values() if target.startswith("tty[")]
 
 
 def _stamp() -> str:

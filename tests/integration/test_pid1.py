@@ -73,3 +73,20 @@ def test_restore_require_exits_3_on_an_empty_volume(engine: Docker) -> None:
     app = engine.run(TICKER_IMAGE, volume=engine.volume(), env={"CKPT_RESTORE": "require"})
     assert app.wait_exit() == 3
     assert "CKPT_RESTORE=require" in app.logs()
+
+
+def test_an_app_on_a_terminal_migrates_to_a_replacement_with_a_terminal(engine: Docker) -> None:
+    volume = engine.volume()
+    first = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"}, extra=["-t"])
+    first.wait_log(r"tick 5")
+    assert first.stop() == 0, first.logs()
+    last = int(re.findall(r"tick (\d+)", first.logs())[-1])
+    second = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"}, extra=["-t"])
+    second.wait_log(rf"tick {last + 3}")
+    assert "restored gen-00000001" in second.logs()
+    assert second.stop() == 0
+    # Without a terminal the checkpoint cannot be restored: one readable line, and a fresh start.
+    third = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"})
+    third.wait_log(r"tick 1\n")
+    assert re.search(r"not restoring gen-00000002: it was made on a terminal .* start the replacement with -t",
+                     third.logs()), third.logs()
