@@ -211,6 +211,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_SHARE_IPC", "0", _toggle,
             "1: the app shares the container's IPC namespace (SysV shared memory with a sidecar), which CRIU then "
             "cannot carry; 0: the app gets its own, carried with it."),
+    Setting("CKPT_OWN_PROC", "0", _toggle,
+            "1: the app gets its own mount namespace with a /proc of its own PID namespace, so files it opens "
+            "under /proc/<pid>/ name the PIDs CRIU restores (they fail to restore otherwise). Docker's masks "
+            "over /proc (kcore, keys, read-only sys...) are not re-applied inside it."),
     Setting("CKPT_METRICS_PORT", "0", _port,
             "Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)."),
     Setting("CKPT_AFTER_NOTICE", "idle", _choice("idle", "exit"),
@@ -246,6 +250,7 @@ class Config:
     lazy: str
     io_uring: str
     share_ipc: bool
+    own_proc: bool
     metrics_port: int
     after_notice: str
 

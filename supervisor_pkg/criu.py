@@ -109,6 +109,7 @@ def dump(
     tcp: str,
     log_level: int = 4,
     external: Sequence[str] = (),
+    mount_namespace: bool = False,
 ) -> DumpResult:
     """Checkpoint the tree rooted at `pid` into `images_dir`, and leave it STOPPED.
 
@@ -126,6 +127,8 @@ def dump(
         # Resources outside the tree that CRIU must not try to dump, e.g. the
         # container runtime's terminal 'tty[rdev:dev]' under `docker run -t`.
         client.opts.external.extend(sorted(set(external)))
+        if mount_namespace:
+            _carry_mount_namespace(client.opts)
         _set_tcp(client.opts, tcp)
         started = time.monotonic()
         try:
@@ -197,6 +200,7 @@ def restore(
     tcp: str,
     log_level: int = 4,
     lazy: bool = False,
+    mount_namespace: bool = False,
 ) -> int:
     """Restore the tree in `images_dir` as our child; return its root's PID.
 
@@ -211,6 +215,9 @@ def restore(
             client = _new_client(images_fd, work_fd, log_name, log_level)
             client.opts.rst_sibling = True  # the restored root becomes our child
             client.opts.lazy_pages = lazy  # pages come from a LazyPagesDaemon sharing log_dir
+            if mount_namespace:
+                _carry_mount_namespace(client.opts)
+                client.opts.root = "/"  # CRIU 4.2.1 crashes in mount.c without it
             _set_tcp(client.opts, tcp)
             for key, fd in inherit.items():
                 high = os.dup(fd)  # swrk closes 0-2 before exec
@@ -251,6 +258,14 @@ def opened_files(images_dir: str) -> list[tuple[str, bool]]:
     return found
 
 
+def _carry_mount_namespace(opts: Any) -> None:
+    """The app's own mount namespace (CKPT_OWN_PROC): its mounts from the container are external,
+    found again in the new container by path, with their sharing (rslave) kept."""
+    opts.auto_ext_mnt = True
+    opts.ext_sharing = True
+    opts.ext_masters = True
+
+
 def _private(log_dir: str) -> None:
     """CRIU writes its logs and stats 0644; they describe the app, so keep them 0600."""
     for name in os.listdir(log_dir):
@@ -275,6 +290,10 @@ def _set_tcp(opts: Any, tcp: str) -> None:
 # the generic ones (_GENERIC_FAILURES): an early, vague EPERM must not hide the
 # real cause logged after it.
 _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
+    # A path under the container's /proc names a container PID, which differs in the replacement.
+    (r"Can't open file proc/\d+/",
+     "the app held a file under /proc/<pid>/, and that PID differs in this container; set CKPT_OWN_PROC=1 so "
+     "the app sees a /proc of its own PID namespace"),
     # CRIU < 4.2 on kernels >= 6.16 (provoked with Debian trixie's CRIU 4.1.1).
     (r"Can't get \d+:\d+ opt: Operation not supported",
      "this CRIU is too old for the kernel's socket options; use CRIU >= 4.2 (the base image has it)"),

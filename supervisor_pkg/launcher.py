@@ -36,6 +36,7 @@ from supervisor_pkg.errors import CommandNotExecutable, CommandNotFound, Environ
 NAMESPACE_INIT = ("tini", "--")
 _PR_SET_CHILD_SUBREAPER = 36
 # From <linux/sched.h>; os.CLONE_* and os.unshare() only exist from Python 3.12.
+CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 
@@ -131,16 +132,31 @@ def _deny_io_uring() -> None:  # pragma: no cover - runs in the child
     rules.load()
 
 
-def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True) -> int:
+def _mount_own_proc() -> None:  # pragma: no cover - runs in the child
+    """In a new mount namespace: stop mount events flowing back, and mount the app's own /proc.
+
+    Made rslave so nothing mounted here leaks into the container, while the
+    container's mounts (the volume, /etc/hosts...) stay visible; CRIU then
+    carries this namespace (auto_ext_mnt: the container's mounts are external).
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    ms_rec, ms_slave, ms_nosuid, ms_nodev, ms_noexec = 0x4000, 1 << 19, 2, 4, 8
+    if libc.mount(None, b"/", None, ms_rec | ms_slave, None) != 0:
+        raise OSError(ctypes.get_errno(), "cannot make / a slave mount")
+    if libc.mount(b"proc", b"/proc", b"proc", ms_nosuid | ms_nodev | ms_noexec, None) != 0:
+        raise OSError(ctypes.get_errno(), "cannot mount the app's /proc")
+
+
+def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, own_proc: bool = False) -> int:
     """Start CMD under the namespace init; return the init's PID (in our namespace)."""
     if deny_io_uring:
         check_io_uring_filter_available()
     init_argv = [*NAMESPACE_INIT, *cmd]
-    flags = CLONE_NEWPID | (0 if share_ipc else CLONE_NEWIPC)
+    flags = CLONE_NEWPID | (0 if share_ipc else CLONE_NEWIPC) | (CLONE_NEWNS if own_proc else 0)
     read_fd, write_fd = os.pipe()
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in the child
-        _middle_child(flags, init_argv, read_fd, write_fd, deny_io_uring)
+        _middle_child(flags, init_argv, read_fd, write_fd, deny_io_uring, own_proc)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         report = pipe.read().decode()
@@ -151,7 +167,7 @@ def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True) -
 
 
 def _middle_child(  # pragma: no cover - runs in the child
-    flags: int, init_argv: list[str], read_fd: int, write_fd: int, deny_io_uring: bool
+    flags: int, init_argv: list[str], read_fd: int, write_fd: int, deny_io_uring: bool, own_proc: bool
 ) -> None:
     try:
         os.close(read_fd)
@@ -162,6 +178,8 @@ def _middle_child(  # pragma: no cover - runs in the child
             os.close(write_fd)
             os.setsid()
             try:
+                if own_proc:
+                    _mount_own_proc()
                 if deny_io_uring:
                     _deny_io_uring()
                 os.execvp(init_argv[0], init_argv)

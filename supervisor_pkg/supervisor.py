@@ -206,7 +206,8 @@ class Supervisor:
         self._transition(State.COLD_START)
         launcher.check_command(self.command)
         self.app_pid = launcher.spawn(
-            self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny"
+            self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny",
+            own_proc=self.config.own_proc,
         )
         log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
         self._transition(State.RUNNING)
@@ -368,6 +369,7 @@ class Supervisor:
                 images_dir, daemon.work_dir if daemon else self.store.logs, log_name,
                 inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
                 lazy=daemon is not None,
+                mount_namespace=bool(manifest.get("app", {}).get("own_mount_namespace")),
             )
         except RestoreFailed:
             if daemon is not None:
@@ -726,7 +728,7 @@ class Supervisor:
                     with _DumpProgress(images_dir), PageHasher(images_dir) as hasher:
                         result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
                                            tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                                           external=_terminals(stdio))
+                                           external=_terminals(stdio), mount_namespace=self.config.own_proc)
                         stopped = True
                         hashed = hasher.finish()
                 else:
@@ -738,7 +740,7 @@ class Supervisor:
                     ) as compressor:
                         result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
                                            tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                                           external=_terminals(stdio))
+                                           external=_terminals(stdio), mount_namespace=self.config.own_proc)
                         stopped = True
                         hashed, pages = compressor.finish()
                     extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
@@ -752,7 +754,7 @@ class Supervisor:
                         "criu_version": criu.version(),
                         "stats": {"dump_seconds": round(result.seconds, 4), "final": final,
                                   "carried_files": carried_count},
-                        "app": {"stdio": stdio},
+                        "app": {"stdio": stdio, "own_mount_namespace": self.config.own_proc},
                         "restored_from": self.restored_from.name if self.restored_from else None,
                         **extra,
                     },

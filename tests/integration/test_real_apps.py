@@ -312,3 +312,21 @@ def test_sysv_shared_memory_and_semaphores_are_carried_over_three_hops(engine: D
             assert sem_ticks == counter % SEM_WRAP and tuple(ids) == identity
         assert shm_read_from_outside(container)[0] > last[0]
         assert "shm counter started" not in container.stdout()
+
+
+PROC_FILES_IMAGE = "criu-supervisor-example-proc-files:latest"
+
+
+def test_an_app_holding_files_under_its_own_proc_migrates_with_ckpt_own_proc(engine: Docker) -> None:
+    volume = engine.volume()
+    app = engine.run(PROC_FILES_IMAGE, volume=volume)  # the image sets CKPT_OWN_PROC=1
+    app.wait_log(r"tick 3 ")
+    for hop in range(1, 4):
+        last = int(re.findall(r"tick (\d+) ", app.stdout())[-1])
+        assert app.stop() == 0, app.logs()
+        app = engine.run(PROC_FILES_IMAGE, volume=volume)
+        app.wait_log(rf"tick {last + 2} status-of-pid (\d+) mine \1")  # the fd still reads its own status
+        assert f"restored gen-{hop:08d}" in app.logs()
+    # The app's mounts from the container are the new container's, not the old one's.
+    assert "/checkpoints" in app.exec("cat", "/proc/1/mountinfo").stdout
+
