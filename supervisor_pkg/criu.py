@@ -290,6 +290,10 @@ def _set_tcp(opts: Any, tcp: str) -> None:
 # the generic ones (_GENERIC_FAILURES): an early, vague EPERM must not hide the
 # real cause logged after it.
 _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
+    # CKPT_SHARE_IPC=1: SysV objects the app maps belong to the container, not to the dumped tree.
+    (r"doesn't live in IPC ns",
+     "the app uses SysV IPC objects of the container's IPC namespace, which CRIU cannot carry; set "
+     "CKPT_SHARE_IPC=0 (the default) so the app has its own"),
     # A path under the container's /proc names a container PID, which differs in the replacement.
     (r"Can't open file proc/\d+/",
      "the app held a file under /proc/<pid>/, and that PID differs in this container; set CKPT_OWN_PROC=1 so "
