@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -97,6 +98,9 @@ def run(command: tuple[str, ...], **flags: str | None) -> None:
         setup_logging(config.log_level)
         if not command:
             raise ConfigError("no command given: use `criu-supervisor run -- CMD [ARGS...]` or set the image's CMD")
+        if command[0] == "doctor" and shutil.which("doctor") is None:
+            # `docker run --rm IMAGE doctor [--json]`: the ENTRYPOINT hands "doctor" over as the app.
+            main.main(args=list(command), prog_name="criu-supervisor")
         code = Supervisor(config, list(command), receiver).run()
     except SupervisorError as error:
         (log.info if isinstance(error, StoppedWhileWaiting) else log.error)("%s", error.message)
@@ -244,3 +248,20 @@ def status(as_json: bool, socket_path: str | None) -> None:
             f"{item['generation']} at {item['time']}, {item['seconds']} s, {item['bytes'] / 1048576:.1f} MiB"
             if item else "-"))
     _echo(state, as_json, "\n".join(lines))
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--dir", "dir", default=None, help="CKPT_DIR")
+def doctor_command(as_json: bool, **flags: str | None) -> None:
+    """Check that checkpoints can work in this container; exit 1 if any check FAILs."""
+    from supervisor_pkg import doctor
+
+    try:
+        config = load(os.environ, flags)
+    except SupervisorError as error:
+        click.echo(f"criu-supervisor: {error.message}", err=True)
+        sys.exit(exit_code_for_error(error))
+    findings = doctor.run_checks(config)
+    click.echo(doctor.render(findings, as_json))
+    sys.exit(doctor.exit_code(findings))

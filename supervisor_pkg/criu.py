@@ -347,8 +347,11 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
     (r"has bad size \d+ \(expect \d+\)",
      "a file the app had open changed after the checkpoint (another writer, or another image or volume); run the "
      "same image and keep other writers off the app's open files"),
+    # The container's own terminal (docker run -t) is carried as an external tty;
+    # this is another one, e.g. a pty whose master a process outside the app holds.
     (r"\b(tty|pty|ptmx)\b|Can't dump.*terminal",
-     "the app is attached to a terminal (docker run -t / tty: true); run without a TTY"),
+     "the app is attached to a terminal whose other end is outside it (not the container's own, which is "
+     "carried); start the process that owns it from the app's command, or run without a TTY"),
     (r"timens|clock.*offset|Can't set.*time",
      "the time-namespace offset was denied; add --cap-add SYS_TIME"),
     (r"No space left on device|ENOSPC",

@@ -133,11 +133,6 @@ OVERLAY_STORAGE = Fix(
     compose='on the host: {"storage-driver": "overlay2"} in /etc/docker/daemon.json, then restart dockerd',
     kubernetes="nodes whose container runtime uses the overlayfs snapshotter (containerd's default)",
 )
-NO_TTY = Fix(
-    docker_run="run without -t (keep -i if the app reads stdin)",
-    compose="tty: false (the default) on the service",
-    kubernetes="tty: false (the default) on the container",
-)
 KEEP_ENTRYPOINT = Fix(
     docker_run="keep the image's ENTRYPOINT [criu-supervisor, run, --] (no --entrypoint, no --init, no shell "
                "wrapper); give the app as CMD",
@@ -585,14 +580,17 @@ _TERMINAL = re.compile(r"^/dev/(pts/\d+|tty\w*|console)$")
 
 
 def check_terminal(stdio_targets: Sequence[str | None]) -> Finding:
-    """The container's stdin/stdout/stderr (PID 1's fds 0-2) must not be a terminal: CRIU cannot dump its peer."""
+    """The container's stdin/stdout/stderr (PID 1's fds 0-2): pipes, or the runtime's terminal.
+
+    A terminal (docker run -t) is carried: the supervisor hands it to CRIU as an
+    external tty and reconnects the app to the new container's. Only a
+    replacement with a terminal too can restore such a checkpoint.
+    """
     terminals = sorted({target for target in stdio_targets if target and _TERMINAL.match(target)})
     if not terminals:
         return _ok("terminal", "no terminal attached (the app's output goes to pipes)")
-    return Finding("terminal", Status.FAIL,
-                   f"the container has a terminal ({', '.join(terminals)}; docker run -t / tty: true): the app "
-                   "inherits it, and CRIU cannot dump a terminal whose other end is outside the app "
-                   "('tty: Found slave peer index 0 without correspond master peer')", NO_TTY)
+    return _ok("terminal", f"a terminal is attached ({', '.join(terminals)}; docker run -t / tty: true): it is "
+                           "carried, but its checkpoints restore only in a container with a terminal too")
 
 
 # --- the real system ---------------------------------------------------------------------------------------

@@ -162,7 +162,11 @@ def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, o
         report = pipe.read().decode()
     os.waitpid(middle, 0)
     if not report.startswith("pid "):
-        raise EnvironmentProblem(f"could not start the app's namespace: {report or 'no report'}")
+        hint = ""
+        if "Operation not permitted" in report:
+            hint = ("; creating PID/IPC namespaces needs CAP_SYS_ADMIN: add --cap-add SYS_ADMIN (compose: cap_add; "
+                    "Kubernetes: securityContext.capabilities.add)")
+        raise EnvironmentProblem(f"could not start the app's namespace: {report or 'no report'}{hint}")
     return int(report.split()[1])
 
 

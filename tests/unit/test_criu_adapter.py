@@ -170,7 +170,7 @@ class FakeCriu:
     restored_pid: ClassVar[int] = 4242
 
     def __init__(self) -> None:
-        self.opts = types.SimpleNamespace(inherit_fd=FakeInheritFds())
+        self.opts = types.SimpleNamespace(inherit_fd=FakeInheritFds(), external=[])
         self.seen: dict[str, Any] = {}
         FakeCriu.instances.append(self)
 

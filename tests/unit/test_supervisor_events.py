@@ -350,7 +350,9 @@ def test_a_final_checkpoint_kills_the_app_only_after_the_generation_is_published
     assert world.names() == ["dump", "carry", "publish", "published", "SIGKILL"]
     assert world.state_at("publish") == "T", "the app must be alive and stopped while its checkpoint is written"
     assert world.state_at("SIGKILL") == "T", "killed straight from the stop: it never ran past its checkpoint"
-    assert world.dump_options == [{"tcp": "close", "log_level": 4}], "no leave_running any more: CRIU leaves it stopped"
+    assert world.dump_options == [{"tcp": "close", "log_level": 4, "external": [], "mount_namespace": False}], (
+        "no leave_running any more: CRIU leaves it stopped"
+    )
     assert supervisor.state is State.EXITING
     assert supervisor.exit_code == 0
     assert supervisor.app_status is not None, "the killed app must have been reaped"
