@@ -16,9 +16,12 @@ import contextlib
 import dataclasses
 import functools
 import os
+import quopri
 import re
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -271,6 +274,82 @@ def _private(log_dir: str) -> None:
     for name in os.listdir(log_dir):
         with contextlib.suppress(OSError):
             os.chmod(os.path.join(log_dir, name), 0o600)
+
+
+def _unix_socket_files() -> dict[int, tuple[int, int]]:
+    """Socket inode -> (inode, device) of the file it is bound to, for every bound Unix socket here.
+
+    Asked of the kernel with sock_diag (NETLINK_SOCK_DIAG, UDIAG_SHOW_VFS), the
+    only place that knows which file a listening socket was bound to after the
+    name it was bound under is gone.
+    """
+    netlink_sock_diag, sock_diag_by_family, nlm_f_request, nlm_f_dump = 4, 20, 0x1, 0x300
+    nlmsg_done, nlmsg_error, udiag_show_vfs, unix_diag_vfs = 3, 2, 0x2, 1
+    request = struct.pack("=BBHIII2I", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, udiag_show_vfs, 0, 0)
+    header = struct.pack("=IHHII", 16 + len(request), sock_diag_by_family, nlm_f_request | nlm_f_dump, 1, 0)
+    found: dict[int, tuple[int, int]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink_sock_diag) as diag:
+        diag.sendall(header + request)
+        while True:
+            data = diag.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind in (nlmsg_done, nlmsg_error) or length < 16:
+                    return found
+                body = offset + 16
+                socket_inode = struct.unpack_from("=I", data, body + 4)[0]
+                attribute = body + 16  # struct unix_diag_msg is 16 bytes
+                while attribute + 4 <= offset + length:
+                    attribute_length, attribute_type = struct.unpack_from("=HH", data, attribute)
+                    if attribute_length < 4:
+                        break
+                    if attribute_type == unix_diag_vfs:
+                        found[socket_inode] = struct.unpack_from("=II", data, attribute + 4)
+                    attribute += (attribute_length + 3) & ~3
+                offset += (length + 3) & ~3
+
+
+def rename_relinked_unix_sockets(images_dir: str) -> list[tuple[str, str]]:
+    """Give back their names to listening Unix sockets bound under a name that was then replaced.
+
+    supervisord (and many daemons) bind `x.sock.N`, link `x.sock` to it and
+    unlink `x.sock.N`. CRIU sees the bound name gone, records the socket as
+    deleted, and restores it nameless: clients get "no such file". While the
+    app is still stopped after the dump, find the surviving link (same inode,
+    same directory) and record the socket under that name instead. Returns the
+    (old, new) names changed; files.img is rewritten only if there are any.
+    """
+    images = _pycriu().images
+    path = os.path.join(images_dir, "files.img")
+    with open(path, "rb") as handle:
+        dumped = images.load(handle)
+    deleted = [entry["usk"] for entry in dumped["entries"]
+               if entry.get("type") == "UNIXSK" and entry.get("usk", {}).get("deleted") and entry["usk"].get("name")]
+    if not deleted:
+        return []
+    bound_files = _unix_socket_files()
+    renamed = []
+    for usk in deleted:
+        old = quopri.decodestring(usk["name"].encode()).rstrip(b"\0").decode(errors="surrogateescape")
+        target = bound_files.get(int(usk["ino"]))
+        if not old.startswith("/") or target is None:
+            continue
+        directory = os.path.dirname(old)
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            links = [entry.path for entry in entries
+                     if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+                     and entry.inode() == target[0] and entry.path != old]
+            if len(links) == 1:
+                usk["name"] = quopri.encodestring(links[0].encode(errors="surrogateescape") + b"\0").decode()
+                usk["deleted"] = False
+                renamed.append((old, links[0]))
+    if renamed:
+        temporary = path + ".renamed"
+        with open(temporary, "wb") as handle:
+            images.dump(dumped, handle)
+        os.replace(temporary, path)
+    return renamed
 
 
 def _set_tcp(opts: Any, tcp: str) -> None:

@@ -730,6 +730,7 @@ class Supervisor:
                                            tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
                                            external=_terminals(stdio), mount_namespace=self.config.own_proc)
                         stopped = True
+                        self._keep_socket_names(images_dir)
                         hashed = hasher.finish()
                 else:
                     compression.check_available(self.config.compress)
@@ -742,6 +743,7 @@ class Supervisor:
                                            tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
                                            external=_terminals(stdio), mount_namespace=self.config.own_proc)
                         stopped = True
+                        self._keep_socket_names(images_dir)
                         hashed, pages = compressor.finish()
                     extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
                 carried_count = self._carry_files(images_dir, staging.path)
@@ -782,6 +784,18 @@ class Supervisor:
         if removed:
             log.debug("pruned %s", ", ".join(removed))
         return generation
+
+    @staticmethod
+    def _keep_socket_names(images_dir: str) -> None:
+        """Listening Unix sockets bound under a since-replaced name keep the name clients use."""
+        try:
+            renamed = criu.rename_relinked_unix_sockets(images_dir)
+        except Exception as error:  # noqa: BLE001 - a nameless socket beats a failed checkpoint
+            log.warning("could not check the app's Unix socket names (%s); a socket bound under a temporary "
+                        "name may be restored without a name", error)
+            return
+        for old, new in renamed:
+            log.info("unix socket bound as %s is reachable as %s: recorded under that name", old, new)
 
     def _carry_files(self, images_dir: str, destination: str) -> int:
         """Pack the app's files from the writable layer into the generation (see carried.py)."""
