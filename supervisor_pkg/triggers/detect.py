@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import requests
-
-from supervisor_pkg.triggers.metadata_http import new_session
+if TYPE_CHECKING:  # requests (with ssl and libcrypto) costs ~9 MiB of RSS: load it only on a cloud
+    import requests
 
 DMI_DIRECTORIES = ("/sys/class/dmi/id", "/sys/devices/virtual/dmi/id")
 HYPERVISOR_UUID = "/sys/hypervisor/uuid"
@@ -55,6 +55,10 @@ def detect_cloud(
     cloud = cloud_hint(dmi_directories, hypervisor_uuid)
     if cloud is None:
         return None
+    import requests
+
+    from supervisor_pkg.triggers.metadata_http import new_session
+
     base_url = {**DEFAULT_URLS, **(urls or {})}[cloud].rstrip("/")
     owned = session is None
     session = new_session() if session is None else session
