@@ -91,8 +91,7 @@ def run(command: tuple[str, ...], **flags: str | None) -> None:
     from supervisor_pkg.supervisor import Supervisor
 
     receiver = SignalReceiver.install_early()
-    setup_logging(os.environ.get("CKPT_LOG_LEVEL", "info") if os.environ.get("CKPT_LOG_LEVEL", "info").lower()
-                  in ("debug", "info", "warning", "error") else "info")
+    setup_logging("info")  # until the configuration, with its CKPT_LOG_LEVEL, is known to be valid
     try:
         config = load(os.environ, flags)
         setup_logging(config.log_level)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from supervisor_pkg.errors import LeaseHeld, LeaseLost, StoppedWhileWaiting, StoreError
+from supervisor_pkg.store import write_atomically
 
 LEASE_FILE = "lease.json"
 log = logging.getLogger("criu-supervisor")
@@ -206,13 +207,7 @@ class Lease:
                     f"{_short(holder.get('container_id'))}"
                 )
             self.beat += 1
-            temporary = f"{self.path}.tmp-{secrets.token_hex(4)}"
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self._record(), handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.rename(temporary, self.path)
+            write_atomically(self.path, json.dumps(self._record()))
 
     def check(self) -> None:
         """Fencing before publishing: raise LeaseLost unless we still own it."""

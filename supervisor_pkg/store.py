@@ -125,14 +125,13 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
-    """tmp -> fsync -> rename: readers see the old file or the whole new one."""
+def write_atomically(path: str, text: str) -> None:
+    """tmp -> fsync -> rename: readers see the old file or the whole new one, never a part (0600)."""
     temporary = f"{path}.tmp-{secrets.token_hex(4)}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(temporary, path)
@@ -140,6 +139,10 @@ def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
@@ -397,14 +400,7 @@ class Store:
         # Only ever move the pointer forward: a slow writer must not hide a newer generation.
         if (self._pointer() or 0) >= number:
             return
-        path = os.path.join(self.lineage, POINTER)
-        temporary = f"{path}.tmp-{secrets.token_hex(4)}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(generation_name(number) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, path)
+        write_atomically(os.path.join(self.lineage, POINTER), generation_name(number) + "\n")
         _fsync_path(self.lineage, directory=True)
 
     def _hash_tree(self, directory: str, hashed: dict[str, tuple[int, str]]) -> dict[str, dict[str, Any]]:

@@ -276,12 +276,16 @@ class Supervisor:
             if generation.claimed:
                 reason = f"{generation.name}, the newest state, was already restored by another container"
                 break
-            mismatch = self._terminal_mismatch(generation)
+            try:
+                published = generation.read_json("manifest.json")
+            except (OSError, ValueError):
+                published = {}  # verify() below says what is wrong with it
+            mismatch = self._terminal_mismatch(published)
             if mismatch:
                 log.error("not restoring %s: %s", generation.name, mismatch)
                 reason = mismatch
                 continue
-            lazy = self._restore_lazily(generation)
+            lazy = self._restore_lazily(published)
             try:
                 manifest = self.store.verify(generation, local_criu, defer_pages=lazy)
             except VerificationFailed as error:
@@ -315,19 +319,17 @@ class Supervisor:
         return reason
 
     @staticmethod
-    def _terminal_mismatch(generation: Generation) -> str | None:
+    def _terminal_mismatch(manifest: dict[str, Any]) -> str | None:
         """A checkpoint made on a terminal can only be restored onto one (CRIU sets tty params)."""
-        try:
-            stdio = generation.read_json("manifest.json").get("app", {}).get("stdio", {})
-        except (OSError, ValueError, AttributeError):
-            return None  # verify() will say what is wrong
-        for fd_text, target in stdio.items():
+        app = manifest.get("app")
+        stdio = app.get("stdio") if isinstance(app, dict) else None
+        for fd_text, target in (stdio if isinstance(stdio, dict) else {}).items():
             if str(target).startswith("tty[") and not os.isatty(int(fd_text)):
                 return ("it was made on a terminal (docker run -t / tty: true) and this container has none "
                         "on that fd; start the replacement with -t too")
         return None
 
-    def _restore_lazily(self, generation: Generation) -> bool:
+    def _restore_lazily(self, manifest: dict[str, Any]) -> bool:
         """CKPT_LAZY: on, off, or auto (big enough, and no signing key demanding verification first)."""
         if self.config.lazy == "off":
             return False
@@ -336,7 +338,6 @@ class Supervisor:
         if self.store.signing_key is not None:
             return False
         try:
-            manifest = generation.read_json("manifest.json")
             files = manifest.get("files", {})
             page_bytes = sum(int(entry["size"]) for name, entry in files.items() if is_page_image(name))
             page_bytes += sum(int(entry["raw_size"]) for entry in (manifest.get("compression") or {})
@@ -722,30 +723,29 @@ class Supervisor:
         scratch: str | None = None
         try:
             with self.store.staging() as staging:
-                extra: dict[str, Any] = {}
+                # Page images are followed while CRIU writes them: hashed in place, or
+                # (CKPT_COMPRESS) read from local scratch and streamed compressed to the volume.
+                follower: PageHasher | compression.PageCompressor
                 if self.config.compress == "none":
                     images_dir = staging.path
-                    with _DumpProgress(images_dir), PageHasher(images_dir) as hasher:
-                        result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
-                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                                           external=_terminals(stdio), mount_namespace=self.config.own_proc)
-                        stopped = True
-                        self._keep_socket_names(images_dir)
-                        hashed = hasher.finish()
+                    follower = PageHasher(images_dir)
                 else:
                     compression.check_available(self.config.compress)
                     os.makedirs(compression.LOCAL_ROOT, mode=0o700, exist_ok=True)
                     images_dir = scratch = tempfile.mkdtemp(prefix="dump-", dir=compression.LOCAL_ROOT)
-                    with _DumpProgress(staging.path), compression.PageCompressor(
-                        self.config.compress, images_dir, staging.path
-                    ) as compressor:
-                        result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
-                                           tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                                           external=_terminals(stdio), mount_namespace=self.config.own_proc)
-                        stopped = True
-                        self._keep_socket_names(images_dir)
-                        hashed, pages = compressor.finish()
-                    extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
+                    follower = compression.PageCompressor(self.config.compress, images_dir, staging.path)
+                with _DumpProgress(staging.path), follower:
+                    result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
+                                       tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
+                                       external=_terminals(stdio), mount_namespace=self.config.own_proc)
+                    stopped = True
+                    self._keep_socket_names(images_dir)
+                    extra: dict[str, Any] = {}
+                    if isinstance(follower, compression.PageCompressor):
+                        hashed, pages = follower.finish()
+                        extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
+                    else:
+                        hashed = follower.finish()
                 carried_count = self._carry_files(images_dir, staging.path)
                 if not final:
                     launcher.resume(self.app_pid)

@@ -146,11 +146,6 @@ class Docker:
         docker(*args, image, *command, check=detach)
         return Container(name)
 
-    def volume_files(self, volume: str, *command: str) -> str:
-        """Run a command against the volume in a throwaway container (e.g. `ls`, `cat`)."""
-        return docker("run", "--rm", "--network", "none", "-v", f"{volume}:/checkpoints",
-                      "--entrypoint", command[0], BASE_IMAGE, *command[1:]).stdout
-
     def generations(self, volume: str, name: str = "default") -> list[dict[str, Any]]:
         result = docker("run", "--rm", "--network", "none", "-v", f"{volume}:/checkpoints",
                         "--entrypoint", "criu-supervisor", BASE_IMAGE, "list", "--json", "--name", name)
