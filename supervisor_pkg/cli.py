@@ -134,6 +134,7 @@ def _describe(generation: Any) -> dict[str, Any]:
             size=sum(f.get("size", 0) for f in files.values() if isinstance(f, dict)),
             host=(manifest.get("source") or {}).get("host"),
             dump_seconds=(manifest.get("stats") or {}).get("dump_seconds"),
+            parent=(manifest.get("parent") or {}).get("generation"),
             state="rejected" if generation.rejected else "claimed" if generation.claimed else "complete",
         )
     except (OSError, ValueError, AttributeError):
@@ -149,7 +150,8 @@ def list_command(as_json: bool, **flags: str | None) -> None:
     """List the generations of this app's lineage."""
     rows = [_describe(generation) for generation in _open_store_or_exit(flags).generations()]
     lines = [f"{r['name']}  {r['state']:9} {r.get('created') or '-':21} {r.get('size', 0):>12} B  "
-             f"{r.get('host') or '-'}" for r in rows]
+             f"{r.get('host') or '-'}" + (f"  (incremental on {r['parent']})" if r.get("parent") else "")
+             for r in rows]
     _echo(rows, as_json, "\n".join(lines) or "no generations")
 
 

@@ -113,8 +113,14 @@ def dump(
     log_level: int = 4,
     external: Sequence[str] = (),
     mount_namespace: bool = False,
+    track_mem: bool = False,
+    parent: str | None = None,
 ) -> DumpResult:
     """Checkpoint the tree rooted at `pid` into `images_dir`, and leave it STOPPED.
+
+    `track_mem` resets the kernel's soft-dirty bits, so that a later dump with
+    `parent` (the previous images, relative to `images_dir`; CRIU links it as
+    `parent`) writes only the pages dirtied since. Both need mem_dirty_track.
 
     The caller decides what happens next: kill the tree once the checkpoint is
     safely published (a final checkpoint), or SIGCONT it (a leave-running one,
@@ -127,6 +133,9 @@ def dump(
         client = _new_client(images_fd, work_fd, log_name, log_level)
         client.opts.pid = pid
         client.opts.leave_stopped = True
+        client.opts.track_mem = track_mem
+        if parent is not None:
+            client.opts.parent_img = parent
         # Resources outside the tree that CRIU must not try to dump, e.g. the
         # container runtime's terminal 'tty[rdev:dev]' under `docker run -t`.
         client.opts.external.extend(sorted(set(external)))

@@ -5,6 +5,7 @@
       gen-00000007/                      0700  a published generation
         manifest.json                    0600  written last; lists size+sha256 of every file
         *.img, stats-dump ...            0600  CRIU's images
+        parent -> ../gen-00000006              only in an incremental generation (see below)
         claim.json                       0600  O_EXCL: this generation has been taken for restore
         rejected.json                    0600  why it must not be restored (corrupt, CRIU failed)
       .staging-<host>-<pid>-<random>/    0700  a generation being written; never restored
@@ -22,6 +23,14 @@ complete generation.
 manifests, never from the mtime or order of a listing (NFS attribute caches can
 make listings up to 60 s stale). Claims use O_CREAT|O_EXCL, which is atomic on
 NFSv3+; locks would be hints at best there.
+
+An incremental generation (a final dump that wrote only the pages dirtied
+since a leave-running one, where the kernel has soft-dirty tracking) is
+restorable only together with its parent: CRIU follows the `parent` symlink
+for the pages it did not write. The manifest names the parent and the sha256
+of the parent's manifest; verification checks the parent's files as well and
+refuses a chain deeper than one; retention never removes a parent whose child
+is kept.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ MANIFEST = "manifest.json"
 CLAIM = "claim.json"
 REJECTED = "rejected.json"
 POINTER = "latest"
+PARENT_LINK = "parent"  # CRIU's name for the link to the previous dump's images
 FORMAT_VERSION = 1
 _GENERATION = re.compile(r"^gen-(\d{8})$")
 _STAGING_PREFIX = ".staging-"
@@ -76,6 +86,10 @@ class Generation:
     @property
     def name(self) -> str:
         return generation_name(self.number)
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.path, MANIFEST)
 
     def has(self, filename: str) -> bool:
         return os.path.exists(os.path.join(self.path, filename))
@@ -160,6 +174,14 @@ def hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
     finally:
         os.close(fd)
     return size, digest.hexdigest()
+
+
+def _is_parent_link(path: str, parent_name: str) -> bool:
+    """`path` is exactly the symlink CRIU makes for a parent that is a sibling generation."""
+    try:
+        return os.readlink(path) == f"../{parent_name}"
+    except OSError:
+        return False
 
 
 def _describe_os_error(error: OSError, path: str) -> str:
@@ -342,14 +364,19 @@ class Store:
         metadata: dict[str, Any],
         before_rename: Callable[[], None] | None = None,
         hashed: dict[str, tuple[int, str]] | None = None,
+        parent: Generation | None = None,
     ) -> Generation:
         """Hash+fsync every file, write the manifest, rename into place, move the pointer.
 
         `before_rename` is the fencing check (do we still hold the lease?); if it
         raises, nothing is published and the staging directory is removed.
+        `parent` is the generation an incremental dump's `parent` link points to.
         """
         try:
-            files = self._hash_tree(staging.path, hashed or {})
+            files = self._hash_tree(staging.path, hashed or {}, parent)
+            if parent is not None:
+                metadata = {**metadata, "parent": {"generation": parent.name,
+                                                   "manifest_sha256": hash_file(parent.manifest_path)[1]}}
             number = self.newest_number() + 1
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -403,9 +430,15 @@ class Store:
         write_atomically(os.path.join(self.lineage, POINTER), generation_name(number) + "\n")
         _fsync_path(self.lineage, directory=True)
 
-    def _hash_tree(self, directory: str, hashed: dict[str, tuple[int, str]]) -> dict[str, dict[str, Any]]:
+    def _hash_tree(
+        self, directory: str, hashed: dict[str, tuple[int, str]], parent: Generation | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Size and sha256 of every file, fsynced. `hashed` holds digests taken while CRIU wrote."""
         names = sorted(os.listdir(directory))
+        if parent is not None:
+            if not _is_parent_link(os.path.join(directory, PARENT_LINK), parent.name):
+                raise StoreError(f"an incremental checkpoint lacks its link to {parent.name}")
+            names.remove(PARENT_LINK)
         for name in names:
             path = os.path.join(directory, name)
             if not os.path.isfile(path) or os.path.islink(path):
@@ -427,12 +460,75 @@ class Store:
     def verify(
         self, generation: Generation, local_criu_version: str | None = None, defer_pages: bool = False
     ) -> dict[str, Any]:
-        """Check the manifest and every file; return the manifest or raise VerificationFailed.
+        """Check the manifest and every file, the parent's too; return the manifest or raise VerificationFailed.
 
         With `defer_pages`, page images (pages-*.img) are checked for presence and
-        size only; the caller must hash them later with `verify_files` (a lazy
+        size only; the caller must hash them later with `verify_pages` (a lazy
         restore does so in the background).
         """
+        manifest = self._verify_one(generation, local_criu_version, defer_pages)
+        parent = self.parent_of(generation, manifest)
+        if parent is not None:
+            parent_manifest = self._verify_one(parent, local_criu_version, defer_pages)
+            if parent_manifest.get("parent") is not None:
+                raise VerificationFailed(f"{generation.name}: its parent {parent.name} has a parent itself; "
+                                         "chains deeper than one are never written")
+            if "compression" in manifest or "compression" in parent_manifest:
+                raise VerificationFailed(f"{generation.name}: an incremental checkpoint with compressed pages "
+                                         "is never written")
+        return manifest
+
+    def parent_of(self, generation: Generation, manifest: dict[str, Any]) -> Generation | None:
+        """The generation an incremental one depends on (checked: link, name, manifest hash), or None."""
+        record = manifest.get("parent")
+        link = os.path.join(generation.path, PARENT_LINK)
+        if record is None:
+            return None
+        name = record.get("generation") if isinstance(record, dict) else None
+        match = _GENERATION.match(name) if isinstance(name, str) else None
+        if match is None or int(match.group(1)) >= generation.number:
+            raise VerificationFailed(f"{generation.name}: manifest names a malformed parent {record!r}")
+        if not _is_parent_link(link, name):
+            raise VerificationFailed(f"{generation.name}: its link to the parent {name} is missing or wrong")
+        parent = Generation(int(match.group(1)), os.path.join(self.lineage, name))
+        try:
+            _, digest = hash_file(parent.manifest_path)
+        except OSError as error:
+            raise VerificationFailed(f"{generation.name}: its parent {name}, which holds its unchanged pages, "
+                                     f"is missing ({error.strerror})") from error
+        if digest != record.get("manifest_sha256"):
+            raise VerificationFailed(f"{generation.name}: its parent {name} is not the checkpoint it was dumped "
+                                     "against (the parent's manifest changed)")
+        return parent
+
+    def verify_pages(self, generation: Generation, manifest: dict[str, Any]) -> None:
+        """Hash the page images deferred by verify(defer_pages=True): the generation's and its parent's."""
+        chain = [(generation, manifest)]
+        parent = self.parent_of(generation, manifest)
+        if parent is not None:
+            try:
+                chain.append((parent, parent.read_json(MANIFEST)))
+            except (OSError, ValueError) as error:
+                raise VerificationFailed(f"{parent.name}: manifest unreadable: {error}") from error
+        for member, member_manifest in chain:
+            for name, expected in member_manifest["files"].items():
+                if is_page_image(name):
+                    self._verify_file(member, name, expected)
+
+    def memory_bytes(self, generation: Generation, manifest: dict[str, Any]) -> int:
+        """Bytes of memory a restore brings back: page images (uncompressed), the parent's included."""
+        chain = [manifest]
+        with contextlib.suppress(VerificationFailed, OSError, ValueError):
+            parent = self.parent_of(generation, manifest)
+            if parent is not None:
+                chain.append(parent.read_json(MANIFEST))
+        total = 0
+        for member in chain:
+            total += sum(int(entry["size"]) for name, entry in member.get("files", {}).items() if is_page_image(name))
+            total += sum(int(entry["raw_size"]) for entry in (member.get("compression") or {}).get("pages", {}).values())
+        return total
+
+    def _verify_one(self, generation: Generation, local_criu_version: str | None, defer_pages: bool) -> dict[str, Any]:
         if os.path.islink(generation.path):
             raise VerificationFailed(f"{generation.name} is a symlink")
         try:
@@ -454,17 +550,14 @@ class Store:
         if not isinstance(files, dict) or not files:
             raise VerificationFailed(f"{generation.name}: manifest lists no files")
         present = set(os.listdir(generation.path)) - _BOOKKEEPING
+        if manifest.get("parent") is not None:
+            present.discard(PARENT_LINK)  # checked by parent_of
         unexpected = sorted(present - set(files))
         if unexpected:
             raise VerificationFailed(f"{generation.name}: files not in the manifest: {', '.join(unexpected[:5])}")
         for name, expected in files.items():
             self._verify_file(generation, name, expected, hash_it=not (defer_pages and is_page_image(name)))
         return manifest
-
-    def verify_files(self, generation: Generation, manifest: dict[str, Any], names: list[str]) -> None:
-        """Hash `names` against the manifest (after a verify(defer_pages=True))."""
-        for name in names:
-            self._verify_file(generation, name, manifest["files"][name])
 
     def _check_signature(self, generation: Generation, manifest: dict[str, Any]) -> None:
         if self.signing_key is None:
@@ -556,17 +649,29 @@ class Store:
         protect = protect or set()
         removed: list[str] = []
         usable = 0
-        for generation in self.generations():  # newest first
+        needed: set[int] = set()  # parents of generations that stay
+        for generation in self.generations():  # newest first, so a child comes before its parent
+            kept = generation.number in protect or generation.number in needed
             if not generation.rejected:
                 usable += 1
-                if usable <= keep:
-                    continue
-            if generation.number in protect or self._restore_in_progress(generation):
+                kept = kept or usable <= keep
+            if kept or self._restore_in_progress(generation):
+                needed |= self._parent_number(generation)
                 continue
             shutil.rmtree(generation.path, ignore_errors=True)
             removed.append(generation.name)
         removed += self.clean_stale_staging()
         return removed
+
+    @staticmethod
+    def _parent_number(generation: Generation) -> set[int]:
+        """{the parent's number} for an incremental generation, else {} (unreadable: nothing to keep)."""
+        try:
+            name = (generation.read_json(MANIFEST).get("parent") or {}).get("generation", "")
+        except (OSError, ValueError, AttributeError):
+            return set()
+        match = _GENERATION.match(name) if isinstance(name, str) else None
+        return {int(match.group(1))} if match else set()
 
     @staticmethod
     def _restore_in_progress(generation: Generation, window: float = 600.0) -> bool:

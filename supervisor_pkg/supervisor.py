@@ -43,7 +43,7 @@ from supervisor_pkg.errors import (
 )
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import Generation, PageHasher, Store, identity, is_page_image, read_signing_key
+from supervisor_pkg.store import Generation, PageHasher, Store, identity, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
@@ -144,6 +144,9 @@ class Supervisor:
         self.last_restore: dict[str, Any] = {}
         self.metrics = metrics.Metrics()
         self.lazy: LazyRestore | None = None
+        # The last leave-running checkpoint of this run, dumped with soft-dirty tracking:
+        # a final dump may then write only the pages dirtied since (see _incremental_parent).
+        self.incremental_base: Generation | None = None
         self._announced_dirty_tracking = False
 
     # --- the whole life of a container, in order ----------------------------
@@ -285,7 +288,7 @@ class Supervisor:
                 log.error("not restoring %s: %s", generation.name, mismatch)
                 reason = mismatch
                 continue
-            lazy = self._restore_lazily(published)
+            lazy = self._restore_lazily(generation, published)
             try:
                 manifest = self.store.verify(generation, local_criu, defer_pages=lazy)
             except VerificationFailed as error:
@@ -329,7 +332,7 @@ class Supervisor:
                         "on that fd; start the replacement with -t too")
         return None
 
-    def _restore_lazily(self, manifest: dict[str, Any]) -> bool:
+    def _restore_lazily(self, generation: Generation, manifest: dict[str, Any]) -> bool:
         """CKPT_LAZY: on, off, or auto (big enough, and no signing key demanding verification first)."""
         if self.config.lazy == "off":
             return False
@@ -338,13 +341,9 @@ class Supervisor:
         if self.store.signing_key is not None:
             return False
         try:
-            files = manifest.get("files", {})
-            page_bytes = sum(int(entry["size"]) for name, entry in files.items() if is_page_image(name))
-            page_bytes += sum(int(entry["raw_size"]) for entry in (manifest.get("compression") or {})
-                              .get("pages", {}).values())
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return self.store.memory_bytes(generation, manifest) >= LAZY_THRESHOLD_BYTES
+        except (ValueError, TypeError, KeyError, AttributeError):
             return False  # verify() will say what is wrong
-        return page_bytes >= LAZY_THRESHOLD_BYTES
 
     def _restore(self, generation: Generation, manifest: dict[str, Any], lazy: bool = False) -> None:
         started = time.monotonic()
@@ -405,8 +404,7 @@ class Supervisor:
             daemon.start()
         except RestoreFailed as error:
             log.warning("lazy restore unavailable (%s); restoring fully", error.message)
-            pages = [name for name in manifest["files"] if is_page_image(name)]
-            self.store.verify_files(generation, manifest, pages)  # raises VerificationFailed
+            self.store.verify_pages(generation, manifest)  # raises VerificationFailed
             return None
         return daemon
 
@@ -414,9 +412,8 @@ class Supervisor:
         """Hash the page images the daemon is serving; a mismatch kills the app (see _lazy_failed)."""
         lazy = self.lazy
         assert lazy is not None
-        pages = [name for name in lazy.manifest["files"] if is_page_image(name)]
         try:
-            self.store.verify_files(lazy.generation, lazy.manifest, pages)
+            self.store.verify_pages(lazy.generation, lazy.manifest)
         except VerificationFailed as error:
             self.receiver.post(LazyProblem(error.message))
             return
@@ -440,8 +437,7 @@ class Supervisor:
             self.store.mark_restored(lazy.generation)
             if lazy.daemon.images_dir != lazy.generation.path:
                 shutil.rmtree(lazy.daemon.images_dir, ignore_errors=True)
-            resident = sum(int(e["size"]) for n, e in lazy.manifest["files"].items() if is_page_image(n)) + sum(
-                int(e["raw_size"]) for e in (lazy.manifest.get("compression") or {}).get("pages", {}).values())
+            resident = self.store.memory_bytes(lazy.generation, lazy.manifest)
             log.info("app fully resident: %.0f MiB of pages arrived and verified %.2f s after the restore began",
                      resident / 1048576, time.monotonic() - lazy.started)
             self.lazy = None
@@ -550,13 +546,11 @@ class Supervisor:
             return
         # A long notice: a safety net now, then the final checkpoint as late as is safe,
         # so that work done after the notice is not lost. Where the kernel tracks
-        # dirty pages, the final dump could write only what changed since the safety
-        # net (a CRIU pre-dump chain); that is not built yet, so both are full dumps.
+        # dirty pages, the safety net doubles as CRIU's pre-dump: the final dump
+        # then writes only the pages dirtied since (see checkpoint()).
         if not self._announced_dirty_tracking:
             self._announced_dirty_tracking = True
-            log.info("incremental final dump: %s", "soft-dirty tracking is available, but incremental dumps are not "
-                     "implemented yet; the final dump is a full one" if criu.has_feature("mem_dirty_track") else
-                     "not possible (the kernel has no soft-dirty tracking); the final dump is a full one")
+            log.info("incremental final dump: %s", self._incremental_plan())
         final_in = max(0.0, left - self.config.deadline_margin)
         if self.final_at is None or time.monotonic() + final_in < self.final_at:
             self.final_at, self.pending_final = time.monotonic() + final_in, notice
@@ -564,6 +558,33 @@ class Supervisor:
         if self.state is State.RUNNING and self.final_at is not None:
             log.info("final checkpoint in %.0f s (CKPT_DEADLINE_MARGIN=%g s before the deadline), or at SIGTERM",
                      max(0.0, self.final_at - time.monotonic()), self.config.deadline_margin)
+
+    def _incremental_plan(self) -> str:
+        """What the final dump after a safety net will be, and why, for the log."""
+        if not criu.has_feature("mem_dirty_track"):
+            return "not possible (the kernel has no soft-dirty tracking); the final dump is a full one"
+        if self.config.compress != "none":
+            return (f"not used with CKPT_COMPRESS={self.config.compress} (a chain needs the parent's pages "
+                    "uncompressed); the final dump is a full one")
+        return ("on: the safety net is dumped with soft-dirty tracking, and the final dump writes only the pages "
+                "dirtied since")
+
+    def _tracks_dirty_pages(self) -> bool:
+        """Whether a leave-running dump should track memory, to be the parent of an incremental final dump."""
+        return self.config.compress == "none" and criu.has_feature("mem_dirty_track")
+
+    def _incremental_parent(self, final: bool) -> Generation | None:
+        """The generation a final dump writes only dirtied pages against, or None for a full dump.
+
+        Only the last leave-running dump of this run qualifies: each dump with
+        tracking resets the kernel's soft-dirty bits, so the bits describe the
+        changes since that dump and no other. Any dump, even a failed one, uses
+        the base up (CRIU may have reset the bits before failing).
+        """
+        base, self.incremental_base = self.incremental_base, None
+        if not final or base is None or base.rejected or not os.path.isfile(base.manifest_path):
+            return None
+        return base
 
     def _on_control(self, request: ControlRequest) -> None:
         if request.command == "status":
@@ -644,8 +665,10 @@ class Supervisor:
             self._forward(signal.SIGTERM)
             return
         self._transition(State.CHECKPOINTED)
-        log.info("final checkpoint %s published in %.2f s%s", generation.name, time.monotonic() - started,
-                 self._time_left("; "))
+        parent = self.last_checkpoint.get("parent")
+        log.info("final checkpoint %s published in %.2f s%s%s", generation.name, time.monotonic() - started,
+                 f" (incremental: only pages dirtied since {parent}, {self.last_checkpoint['bytes'] / 1048576:.1f} "
+                 "MiB written)" if parent else "", self._time_left("; "))
         self.release_lease()  # now a replacement may take the lineage and restore it
         if notice.on_published is not None:
             notice.on_published(generation.name)
@@ -718,6 +741,8 @@ class Supervisor:
             raise StoreError(f"checkpoint impossible: {self.volume_problem}")
         self.lease.check()
         stdio = self._stdio_of(self.app_pid)
+        parent = self._incremental_parent(final)
+        track_mem = parent is not None or (not final and self._tracks_dirty_pages())
         log_name = f"dump-{_stamp()}.log"
         stopped = False
         scratch: str | None = None
@@ -737,7 +762,8 @@ class Supervisor:
                 with _DumpProgress(staging.path), follower:
                     result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
                                        tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                                       external=_terminals(stdio), mount_namespace=self.config.own_proc)
+                                       external=_terminals(stdio), mount_namespace=self.config.own_proc,
+                                       track_mem=track_mem, parent=f"../{parent.name}" if parent else None)
                     stopped = True
                     self._keep_socket_names(images_dir)
                     extra: dict[str, Any] = {}
@@ -762,6 +788,7 @@ class Supervisor:
                     },
                     before_rename=self.lease.check,
                     hashed=hashed,
+                    parent=parent,
                 )
         except BaseException:
             if stopped:
@@ -772,9 +799,12 @@ class Supervisor:
                 shutil.rmtree(scratch, ignore_errors=True)
         if final:
             os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
+        elif track_mem:
+            self.incremental_base = generation
         manifest = generation.read_json("manifest.json")
         self.last_checkpoint = {
             "generation": generation.name, "trigger": trigger, "final": final, "time": manifest["created"],
+            "parent": parent.name if parent else None,
             "seconds": round(time.monotonic() - requested, 3), "criu_seconds": round(result.seconds, 3),
             "bytes": sum(entry["size"] for entry in manifest["files"].values()),
         }

@@ -64,6 +64,8 @@ def test_aws_long_notice_takes_a_safety_net_then_a_final_checkpoint_before_the_d
     replacement = restore_elsewhere(engine, app)
     assert "restored gen-00000002" in replacement.logs()
     assert replacement.http("POST", "/incr/work") == "5"
+    listed = json.loads(replacement.exec("criu-supervisor", "list", "--json").stdout)
+    assert {g["name"]: g["parent"] for g in listed} == {"gen-00000002": None, "gen-00000001": None}, "no chain here"
 
 
 def test_gcp_short_notice_goes_straight_to_the_final_checkpoint(engine: Docker) -> None:

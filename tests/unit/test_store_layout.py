@@ -523,3 +523,163 @@ def test_prune_also_cleans_stale_staging(store: Store) -> None:
     publish(store)
     assert crashed.name in store.prune(keep=2)
     assert not crashed.exists()
+
+
+# --- incremental generations (a final dump against a parent, where soft-dirty tracking exists) -------
+DIRTY_IMAGES = {"core-1.img": b"registers, later", "mm-1.img": b"memory map", "pages-1.img": b"only the dirty page"}
+
+
+def publish_child(store: Store, parent: Generation, link: str | None = None) -> Generation:
+    """What an incremental final dump publishes: its own images plus CRIU's `parent` link."""
+    with store.staging() as staging:
+        for name, data in DIRTY_IMAGES.items():
+            Path(staging.path, name).write_bytes(data)
+        Path(staging.path, "parent").symlink_to(link or f"../{parent.name}")
+        return store.publish(staging, {"criu_version": CRIU_VERSION}, parent=parent)
+
+
+def test_an_incremental_generation_names_its_parent_and_the_hash_of_the_parents_manifest(store: Store) -> None:
+    parent = publish(store)
+    child = publish_child(store, parent)
+
+    manifest = store.verify(child, CRIU_VERSION)
+    assert manifest["parent"] == {
+        "generation": "gen-00000001",
+        "manifest_sha256": hashlib.sha256(Path(parent.manifest_path).read_bytes()).hexdigest(),
+    }
+    assert "parent" not in manifest["files"], "the link is recorded as the parent, not as a file"
+    assert os.readlink(os.path.join(child.path, "parent")) == "../gen-00000001"
+    assert store.parent_of(child, manifest) == parent
+    assert store.memory_bytes(child, manifest) == len(IMAGES["pages-1.img"]) + len(DIRTY_IMAGES["pages-1.img"])
+
+
+def test_publishing_an_incremental_dump_without_its_link_publishes_nothing(store: Store) -> None:
+    parent = publish(store)
+    with pytest.raises(StoreError, match="lacks its link to gen-00000001"):
+        publish_child(store, parent, link="../gen-00000099")
+    assert remaining(store) == [1]
+    assert staging_dirs(store) == []
+
+
+def test_a_parent_link_in_a_full_generation_is_refused(store: Store) -> None:
+    generation = publish(store)
+    Path(generation.path, "parent").symlink_to("../gen-00000000")
+    with pytest.raises(VerificationFailed, match="files not in the manifest: parent"):
+        store.verify(generation, CRIU_VERSION)
+
+
+def _delete_the_parent(child: Generation, parent: Generation) -> None:
+    shutil.rmtree(parent.path)
+
+
+def _republish_the_parent(child: Generation, parent: Generation) -> None:
+    rewrite_manifest(parent, lambda manifest: manifest.update(created="another time"))
+
+
+def _corrupt_a_parent_page(child: Generation, parent: Generation) -> None:
+    path = Path(parent.path, "pages-1.img")
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+
+
+def _point_the_link_elsewhere(child: Generation, parent: Generation) -> None:
+    link = Path(child.path, "parent")
+    link.unlink()
+    link.symlink_to("/etc")
+
+
+def _remove_the_link(child: Generation, parent: Generation) -> None:
+    Path(child.path, "parent").unlink()
+
+
+def _name_a_newer_parent(child: Generation, parent: Generation) -> None:
+    rewrite_manifest(child, lambda manifest: manifest["parent"].update(generation="gen-00000009"))
+
+
+def _give_the_parent_a_parent(child: Generation, parent: Generation) -> None:
+    rewrite_manifest(parent, lambda manifest: manifest.update(parent={"generation": "gen-00000000"}))
+    rewrite_manifest(child, lambda manifest: manifest["parent"].update(
+        manifest_sha256=hashlib.sha256(Path(parent.manifest_path).read_bytes()).hexdigest()))
+
+
+CHAIN_DAMAGE = [
+    (_delete_the_parent, "its parent gen-00000001, which holds its unchanged pages, is missing"),
+    (_republish_the_parent, "is not the checkpoint it was dumped against"),
+    (_corrupt_a_parent_page, "gen-00000001: pages-1.img does not match its sha256"),
+    (_point_the_link_elsewhere, "its link to the parent gen-00000001 is missing or wrong"),
+    (_remove_the_link, "its link to the parent gen-00000001 is missing or wrong"),
+    (_name_a_newer_parent, "malformed parent"),
+    (_give_the_parent_a_parent, "chains deeper than one are never written"),
+]
+
+
+@pytest.mark.parametrize(("damage", "reason"), CHAIN_DAMAGE, ids=[d.__name__.strip("_") for d, _ in CHAIN_DAMAGE])
+def test_an_incremental_generation_is_refused_when_its_parent_is_not_intact(
+    store: Store, damage: Callable[[Generation, Generation], None], reason: str
+) -> None:
+    parent = publish(store)
+    child = publish_child(store, parent)
+    store.verify(child, CRIU_VERSION)
+    damage(child, parent)
+    with pytest.raises(VerificationFailed) as caught:
+        store.verify(child, CRIU_VERSION)
+    assert reason in caught.value.message
+
+
+def test_a_lazy_restore_defers_the_parents_pages_too_and_verify_pages_catches_them(store: Store) -> None:
+    parent = publish(store)
+    child = publish_child(store, parent)
+    _corrupt_a_parent_page(child, parent)
+
+    manifest = store.verify(child, CRIU_VERSION, defer_pages=True)  # sizes only: the first answer is not held up
+    with pytest.raises(VerificationFailed, match="gen-00000001: pages-1.img does not match its sha256"):
+        store.verify_pages(child, manifest)
+
+
+def test_prune_keeps_the_parent_of_a_kept_incremental_generation(store: Store) -> None:
+    parent = publish(store)
+    publish_child(store, parent)
+
+    assert store.prune(keep=1) == []
+    assert remaining(store) == [2, 1], "gen-00000002's unchanged pages are in gen-00000001"
+
+
+def test_prune_removes_a_parent_once_its_child_goes(store: Store) -> None:
+    parent = publish(store)
+    publish_child(store, parent)
+    publish(store)
+    publish(store)
+
+    assert store.prune(keep=2) == ["gen-00000002", "gen-00000001"]
+    assert remaining(store) == [4, 3]
+
+
+def test_a_rejected_parent_is_kept_while_its_child_is(store: Store) -> None:
+    parent = publish(store)
+    child = publish_child(store, parent)
+    store.reject(parent, "restoring gen-00000001 failed")  # e.g. an older restore attempt
+    store.prune(keep=1)
+    assert remaining(store) == [2, 1]
+    store.verify(child, CRIU_VERSION)  # the rejection was about restoring the parent alone; the files are intact
+
+
+def test_list_shows_an_incremental_generation_and_verify_checks_its_parent(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from supervisor_pkg import cli, criu
+
+    monkeypatch.setattr(criu, "version", lambda: CRIU_VERSION)  # the image's CRIU, not this host's
+
+    parent = publish(store)
+    publish_child(store, parent)
+    environment = {"CKPT_DIR": store.root, "CKPT_NAME": store.name}
+
+    listed = CliRunner().invoke(cli.main, ["list"], env=environment)
+    assert listed.exit_code == 0, listed.output
+    assert "gen-00000002" in listed.output and "(incremental on gen-00000001)" in listed.output
+
+    _corrupt_a_parent_page(Generation(2, ""), parent)
+    verified = CliRunner().invoke(cli.main, ["verify", "2"], env=environment)
+    assert verified.exit_code == 1
+    assert "gen-00000002: FAIL gen-00000001: pages-1.img does not match its sha256" in verified.output

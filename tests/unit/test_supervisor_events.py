@@ -271,7 +271,10 @@ class CheckpointWorld:
             self.dump_options.append(options)
             real_kill(pid, signal.SIGSTOP)
             sleep_until(lambda: process_state(pid) == "T", timeout=10, what="the app to stop")
-            Path(images_dir, "pages-1.img").write_bytes(b"memory of the app")
+            if options.get("parent"):  # as CRIU does: link the previous images, write only dirty pages
+                assert options["track_mem"], "CRIU refuses a parent without memory tracking"
+                Path(images_dir, "parent").symlink_to(options["parent"])
+            Path(images_dir, "pages-1.img").write_bytes(b"dirty page" if options.get("parent") else b"memory of the app")
             Path(images_dir, "core-1.img").write_bytes(b"registers")
             for happen in self.during_dump:
                 happen()
@@ -301,6 +304,8 @@ class CheckpointWorld:
 
         monkeypatch.setattr(criu, "dump", fake_dump)
         monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+        self.dirty_tracking = False  # as on this machine's kernel; a test may say otherwise
+        monkeypatch.setattr(criu, "has_feature", lambda name: name == "mem_dirty_track" and self.dirty_tracking)
         monkeypatch.setattr(criu, "opened_files", fake_opened_files)
         monkeypatch.setattr(launcher, "namespace_members", lambda init_pid: [init_pid] if init_pid == app else [])
         monkeypatch.setattr(launcher, "resume", recording_resume)
@@ -350,7 +355,8 @@ def test_a_final_checkpoint_kills_the_app_only_after_the_generation_is_published
     assert world.names() == ["dump", "carry", "publish", "published", "SIGKILL"]
     assert world.state_at("publish") == "T", "the app must be alive and stopped while its checkpoint is written"
     assert world.state_at("SIGKILL") == "T", "killed straight from the stop: it never ran past its checkpoint"
-    assert world.dump_options == [{"tcp": "close", "log_level": 4, "external": [], "mount_namespace": False}], (
+    assert world.dump_options == [{"tcp": "close", "log_level": 4, "external": [], "mount_namespace": False,
+                                   "track_mem": False, "parent": None}], (
         "no leave_running any more: CRIU leaves it stopped"
     )
     assert supervisor.state is State.EXITING
@@ -472,6 +478,95 @@ def test_a_leave_running_checkpoint_that_fails_to_publish_resumes_the_app_once_a
     assert len(failures) == 1 and "full" in failures[0]
     assert supervisor.store.generations() == []
     assert staging_dirs(supervisor.store) == []
+
+
+# --- incremental final dumps, where the kernel tracks dirty pages (not this machine's kernel) -----------
+def test_with_dirty_tracking_the_final_dump_writes_only_what_changed_since_the_safety_net(
+    world: CheckpointWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="criu-supervisor")
+    world.dirty_tracking = True
+    supervisor = world.supervisor
+    supervisor.store.keep = 1
+
+    supervisor.checkpoint(final=False, trigger="aws")  # the long notice's safety net
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [(True, None), (True, "../gen-00000001")]
+    assert supervisor.exit_code == 0
+    final = supervisor.store.generations()[0]
+    manifest = supervisor.store.verify(final, "4.2.1")
+    assert (final.name, manifest["parent"]["generation"]) == ("gen-00000002", "gen-00000001")
+    assert os.readlink(os.path.join(final.path, "parent")) == "../gen-00000001"
+    assert [g.name for g in supervisor.store.generations()] == ["gen-00000002", "gen-00000001"], (
+        "CKPT_KEEP=1, but the parent holds the final checkpoint's unchanged pages"
+    )
+    assert supervisor.last_checkpoint["parent"] == "gen-00000001"
+    assert "(incremental: only pages dirtied since gen-00000001" in caplog.text
+
+
+def test_without_dirty_tracking_both_dumps_are_full_ones(world: CheckpointWorld) -> None:
+    supervisor = world.supervisor
+    supervisor.checkpoint(final=False, trigger="aws")
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [(False, None), (False, None)]
+    final = supervisor.store.generations()[0]
+    assert "parent" not in supervisor.store.verify(final, "4.2.1")
+    assert not os.path.lexists(os.path.join(final.path, "parent"))
+
+
+def test_a_final_dump_without_an_earlier_one_in_this_run_is_full(world: CheckpointWorld) -> None:
+    world.dirty_tracking = True
+    world.supervisor._handle(int(signal.SIGTERM))
+    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [(False, None)]
+
+
+def test_a_failed_dump_after_the_safety_net_makes_the_final_dump_a_full_one(world: CheckpointWorld) -> None:
+    # CRIU may have reset the dirty bits before failing: they no longer describe changes since the safety net.
+    world.dirty_tracking = True
+    supervisor = world.supervisor
+    supervisor.checkpoint(final=False, trigger="aws")
+
+    def criu_fails() -> None:
+        raise DumpFailed("checkpoint failed: the parasite died", errno=1, log_path="/x/dump.log")
+
+    world.during_dump.append(criu_fails)
+    supervisor._handle(Notice(source="periodic", final=False))
+    world.during_dump.clear()
+    assert supervisor.state is State.RUNNING
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [(True, None), (True, None), (False, None)]
+    assert "parent" not in supervisor.store.verify(supervisor.store.generations()[0], "4.2.1")
+
+
+def test_a_safety_net_rejected_meanwhile_is_not_used_as_a_parent(world: CheckpointWorld) -> None:
+    world.dirty_tracking = True
+    supervisor = world.supervisor
+    net = supervisor.checkpoint(final=False, trigger="aws")
+    supervisor.store.reject(net, "refused by an operator")
+
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert world.dump_options[-1]["parent"] is None
+
+
+@pytest.mark.parametrize(
+    ("feature", "compress", "tracks", "plan"),
+    [
+        (False, "none", False, "not possible (the kernel has no soft-dirty tracking); the final dump is a full one"),
+        (True, "zstd", False, "not used with CKPT_COMPRESS=zstd"),
+        (True, "none", True, "on: the safety net is dumped with soft-dirty tracking"),
+    ],
+)
+def test_the_incremental_plan_is_logged_as_it_will_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, feature: bool, compress: str, tracks: bool, plan: str
+) -> None:
+    monkeypatch.setattr(criu, "has_feature", lambda name: feature)
+    supervisor = make_supervisor(tmp_path, CKPT_COMPRESS=compress)
+    assert supervisor._tracks_dirty_pages() is tracks
+    assert supervisor._incremental_plan().startswith(plan)
 
 
 def test_a_failed_dump_falls_back_to_a_graceful_sigterm_and_publishes_nothing(
