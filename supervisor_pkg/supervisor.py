@@ -270,6 +270,7 @@ class Supervisor:
         generations = self.store.generations()
         if not generations:
             return f"no checkpoint in {self.store.lineage}"
+        criu.preload()
         local_criu = criu.version()
         reason = "no restorable checkpoint"
         for generation in generations:
@@ -289,8 +290,11 @@ class Supervisor:
                 reason = mismatch
                 continue
             lazy = self._restore_lazily(generation, published)
+            verifying = time.monotonic()
             try:
                 manifest = self.store.verify(generation, local_criu, defer_pages=lazy)
+                log.debug("verified %s in %.3f s (%s)", generation.name, time.monotonic() - verifying,
+                          "metadata and page sizes; pages are hashed during the lazy restore" if lazy else "every file")
             except VerificationFailed as error:
                 log.warning("refusing %s: %s", generation.name, error.message)
                 self.store.reject(generation, error.message)
@@ -364,6 +368,8 @@ class Supervisor:
                 raise RestoreFailed(f"restore failed: cannot expand the compressed images: {error}") from error
             log.info("expanded %s's compressed page images in %.2f s", generation.name, time.monotonic() - started)
         daemon = self._start_lazy_pages(generation, manifest, images_dir) if lazy else None
+        log.debug("calling CRIU to restore %s, %.3f s after the restore began%s", generation.name,
+                  time.monotonic() - started, "; its lazy-pages daemon is ready" if daemon else "")
         try:
             self.app_pid = criu.restore(
                 images_dir, daemon.work_dir if daemon else self.store.logs, log_name,
