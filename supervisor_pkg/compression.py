@@ -142,7 +142,7 @@ class PageCompressor(threading.Thread):
         for stream in self._streams.values():
             stream.catch_up()
 
-    def finish(self) -> tuple[dict[str, tuple[int, str]], dict[str, dict[str, Any]]]:
+    def finish(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """After CRIU returned: compress the rest, copy the other images; return (hashed, page table)."""
         self._stop_event.set()
         self.join()
@@ -150,12 +150,12 @@ class PageCompressor(threading.Thread):
             if self._error is not None:
                 raise self._error
             self._catch_up()
-            hashed: dict[str, tuple[int, str]] = {}
+            hashed: dict[str, dict[str, Any]] = {}
             pages: dict[str, dict[str, Any]] = {}
             for name, stream in self._streams.items():
                 size, digest, raw_size = stream.finish()
                 compressed = name + SUFFIX[self.algorithm]
-                hashed[compressed] = (size, digest)
+                hashed[compressed] = {"size": size, "sha256": digest}
                 pages[compressed] = {"raw_name": name, "raw_size": raw_size}
             for name in os.listdir(self.local_dir):
                 if not _is_page_image(name):

@@ -62,12 +62,19 @@ CLAIM = "claim.json"
 REJECTED = "rejected.json"
 POINTER = "latest"
 PARENT_LINK = "parent"  # CRIU's name for the link to the previous dump's images
-FORMAT_VERSION = 1
+# 2: page images are hashed in PAGE_CHUNK pieces ("chunks"); 1 (whole-file sha256) is still read.
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
 _GENERATION = re.compile(r"^gen-(\d{8})$")
 _STAGING_PREFIX = ".staging-"
 # Files that live in a generation directory but are not part of the checkpoint.
 _BOOKKEEPING = {MANIFEST, CLAIM, REJECTED}
 _HASH_CHUNK = 4 << 20
+# Page images are hashed in pieces of this size, each with its own sha256, so
+# that verifying a big image uses every core (1.9x faster on 2 cores here)
+# instead of one sequential sha256 (~0.65 s per GiB).
+PAGE_CHUNK = 16 << 20
+_WORKERS = max(2, os.cpu_count() or 2)
 
 
 def is_page_image(name: str) -> bool:
@@ -184,6 +191,41 @@ def _is_parent_link(path: str, parent_name: str) -> bool:
         return False
 
 
+def _hash_range(fd: int, begin: int, end: int, digest: Any = None) -> str:
+    """sha256 of bytes [begin, end) of `fd`, continuing `digest` if given (hashlib releases the GIL)."""
+    digest = digest or hashlib.sha256()
+    while begin < end:
+        data = os.pread(fd, min(_HASH_CHUNK, end - begin), begin)
+        if not data:
+            raise OSError(errno.EIO, f"file ended at {begin} bytes, before {end}")
+        digest.update(data)
+        begin += len(data)
+    return digest.hexdigest()
+
+
+def hash_chunks(
+    path: str, chunk_size: int | None = None, fsync: bool = False, workers: int = _WORKERS
+) -> tuple[int, list[str]]:
+    """(size, [sha256 of each chunk_size (default PAGE_CHUNK) piece]) of a file, hashed on `workers` threads."""
+    chunk_size = chunk_size or PAGE_CHUNK
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        starts = range(0, size, chunk_size)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            chunks = list(pool.map(lambda start: _hash_range(fd, start, min(size, start + chunk_size)), starts))
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size, chunks
+
+
+def page_entry(size: int, chunks: list[str]) -> dict[str, Any]:
+    """A page image's manifest entry: its size and one sha256 per PAGE_CHUNK piece."""
+    return {"size": size, "chunk_size": PAGE_CHUNK, "chunks": chunks}
+
+
 def _describe_os_error(error: OSError, path: str) -> str:
     if error.errno == errno.EROFS:
         return f"the checkpoint volume is read-only ({path}); mount CKPT_DIR read-write"
@@ -220,23 +262,24 @@ def sign(manifest: dict[str, Any], key: bytes) -> str:
 class PageHasher(threading.Thread):
     """Hashes CRIU's page images while CRIU is still writing them.
 
-    Hashing after the dump means reading every byte back (about 0.6 s per GiB
+    Hashing after the dump means reading every byte back (about 0.65 s per GiB
     here) while the app is frozen. CRIU writes pages-*.img strictly in order,
     append-only, and a reader never sees past the bytes already copied in
     (i_size grows as each page is copied), so following the file's end hashes
-    it on the other core while CRIU works. Only pages images are followed;
-    every other file is small and hashed after the dump as before. The
-    restore-side check re-hashes everything, so a wrong digest here could only
-    make a checkpoint refused, never a corrupt one accepted.
+    it, chunk by chunk, on the other core while CRIU works. When CRIU writes
+    faster than one core hashes (a fast page cache), `finish` hashes the rest
+    on every core. Only page images are followed; every other file is small and
+    hashed after the dump as before. The restore-side check re-hashes
+    everything, so a wrong digest here could only make a checkpoint refused,
+    never a corrupt one accepted.
     """
-
 
     def __init__(self, directory: str, poll: float = 0.02) -> None:
         super().__init__(name="page-hasher", daemon=True)
         self.directory = directory
         self.poll = poll
         self._stop_event = threading.Event()
-        self._files: dict[str, tuple[int, Any, int]] = {}  # name -> (fd, sha256, bytes hashed)
+        self._files: dict[str, _FollowedImage] = {}
         self._failed: set[str] = set()
 
     def __enter__(self) -> PageHasher:
@@ -246,9 +289,9 @@ class PageHasher(threading.Thread):
     def __exit__(self, *_exc: object) -> None:
         self._stop_event.set()
         self.join()
-        for fd, _digest, _size in self._files.values():
+        for followed in self._files.values():
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.close(followed.fd)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.poll):
@@ -264,23 +307,60 @@ class PageHasher(threading.Thread):
                 continue
             try:
                 if name not in self._files:
-                    fd = os.open(os.path.join(self.directory, name), os.O_RDONLY | os.O_NOFOLLOW)
-                    self._files[name] = (fd, hashlib.sha256(), 0)
-                fd, digest, size = self._files[name]
-                while chunk := os.pread(fd, _HASH_CHUNK, size):
-                    digest.update(chunk)
-                    size += len(chunk)
-                self._files[name] = (fd, digest, size)
+                    self._files[name] = _FollowedImage(os.open(os.path.join(self.directory, name),
+                                                               os.O_RDONLY | os.O_NOFOLLOW))
+                self._files[name].follow()
             except OSError:
                 self._failed.add(name)  # hashed the slow way after the dump
 
-    def finish(self) -> dict[str, tuple[int, str]]:
-        """After CRIU returned: stop following, read the last bytes, return {name: (size, sha256)}."""
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """After CRIU returned: stop following, hash the rest on every core, return {name: manifest entry}."""
         self._stop_event.set()
         self.join()
-        self._catch_up()
-        return {name: (size, digest.hexdigest()) for name, (_fd, digest, size) in self._files.items()
-                if name not in self._failed}
+        self._catch_up()  # images CRIU created since the last poll
+        entries = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+            for name, followed in self._files.items():
+                if name in self._failed:
+                    continue
+                try:
+                    entries[name] = followed.finish(pool)
+                except OSError:
+                    continue  # hashed the slow way by publish
+        return entries
+
+
+@dataclasses.dataclass
+class _FollowedImage:
+    """One page image being hashed as CRIU appends to it: finished chunks, and the one in progress."""
+
+    fd: int
+    done: list[str] = dataclasses.field(default_factory=list)
+    current: Any = dataclasses.field(default_factory=hashlib.sha256)
+    offset: int = 0  # bytes hashed so far
+
+    def follow(self) -> None:
+        while True:
+            boundary = (len(self.done) + 1) * PAGE_CHUNK
+            data = os.pread(self.fd, min(_HASH_CHUNK, boundary - self.offset), self.offset)
+            if not data:
+                return
+            self.current.update(data)
+            self.offset += len(data)
+            if self.offset == boundary:
+                self.done.append(self.current.hexdigest())
+                self.current = hashlib.sha256()
+
+    def finish(self, pool: concurrent.futures.ThreadPoolExecutor) -> dict[str, Any]:
+        """The rest in parallel: the chunk in progress continues its digest, each later chunk is hashed apart."""
+        size = os.fstat(self.fd).st_size
+        start = len(self.done) * PAGE_CHUNK
+        rest = []
+        if size > start:
+            rest.append(pool.submit(_hash_range, self.fd, self.offset, min(size, start + PAGE_CHUNK), self.current))
+            rest += [pool.submit(_hash_range, self.fd, begin, min(size, begin + PAGE_CHUNK))
+                     for begin in range(start + PAGE_CHUNK, size, PAGE_CHUNK)]
+        return page_entry(size, self.done + [future.result() for future in rest])
 
 
 class Staging:
@@ -363,7 +443,7 @@ class Store:
         staging: Staging,
         metadata: dict[str, Any],
         before_rename: Callable[[], None] | None = None,
-        hashed: dict[str, tuple[int, str]] | None = None,
+        hashed: dict[str, dict[str, Any]] | None = None,
         parent: Generation | None = None,
     ) -> Generation:
         """Hash+fsync every file, write the manifest, rename into place, move the pointer.
@@ -431,9 +511,13 @@ class Store:
         _fsync_path(self.lineage, directory=True)
 
     def _hash_tree(
-        self, directory: str, hashed: dict[str, tuple[int, str]], parent: Generation | None = None
+        self, directory: str, hashed: dict[str, dict[str, Any]], parent: Generation | None = None
     ) -> dict[str, dict[str, Any]]:
-        """Size and sha256 of every file, fsynced. `hashed` holds digests taken while CRIU wrote."""
+        """Manifest entries (size, sha256 or chunk digests) of every file, fsynced.
+
+        `hashed` holds entries computed while CRIU wrote; a file whose size
+        changed since is hashed again.
+        """
         names = sorted(os.listdir(directory))
         if parent is not None:
             if not _is_parent_link(os.path.join(directory, PARENT_LINK), parent.name):
@@ -445,16 +529,18 @@ class Store:
                 raise StoreError(f"unexpected non-file {name!r} in a checkpoint")
             os.chmod(path, 0o600)  # CRIU writes 0644; checkpoints hold secrets
 
-        def digest(name: str) -> tuple[int, str]:
+        def entry(name: str) -> dict[str, Any]:
             path = os.path.join(directory, name)
-            if name in hashed and hashed[name][0] == os.stat(path).st_size:
+            if name in hashed and hashed[name]["size"] == os.stat(path).st_size:
                 _fsync_path(path)
                 return hashed[name]
-            return hash_file(path, fsync=True)
+            if is_page_image(name):
+                return page_entry(*hash_chunks(path, fsync=True))
+            size, sha = hash_file(path, fsync=True)
+            return {"size": size, "sha256": sha}
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            results = pool.map(digest, names)
-            return {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, results, strict=True)}
+            return dict(zip(names, pool.map(entry, names), strict=True))
 
     # --- verification, claims, rejection -----------------------------------
     def verify(
@@ -501,8 +587,11 @@ class Store:
                                      "against (the parent's manifest changed)")
         return parent
 
-    def verify_pages(self, generation: Generation, manifest: dict[str, Any]) -> None:
-        """Hash the page images deferred by verify(defer_pages=True): the generation's and its parent's."""
+    def verify_pages(self, generation: Generation, manifest: dict[str, Any], workers: int = 1) -> None:
+        """Hash the page images deferred by verify(defer_pages=True): the generation's and its parent's.
+
+        One worker by default: this runs beside a lazily restored app, which needs the other cores.
+        """
         chain = [(generation, manifest)]
         parent = self.parent_of(generation, manifest)
         if parent is not None:
@@ -513,7 +602,7 @@ class Store:
         for member, member_manifest in chain:
             for name, expected in member_manifest["files"].items():
                 if is_page_image(name):
-                    self._verify_file(member, name, expected)
+                    self._verify_file(member, name, expected, workers=workers)
 
     def memory_bytes(self, generation: Generation, manifest: dict[str, Any]) -> int:
         """Bytes of memory a restore brings back: page images (uncompressed), the parent's included."""
@@ -536,7 +625,7 @@ class Store:
         except (OSError, ValueError) as error:
             raise VerificationFailed(f"{generation.name}: manifest unreadable: {error}") from error
         self._check_signature(generation, manifest)
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in _READABLE_FORMATS:
             raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest.get('format_version')!r}")
         if manifest.get("generation") != generation.number:
             raise VerificationFailed(f"{generation.name}: manifest names generation {manifest.get('generation')!r}")
@@ -588,7 +677,9 @@ class Store:
             )
 
     @staticmethod
-    def _verify_file(generation: Generation, name: str, expected: Any, hash_it: bool = True) -> None:
+    def _verify_file(
+        generation: Generation, name: str, expected: Any, hash_it: bool = True, workers: int = _WORKERS
+    ) -> None:
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _BOOKKEEPING:
             raise VerificationFailed(f"{generation.name}: manifest names an unsafe path {name!r}")
         if not isinstance(expected, dict):
@@ -605,13 +696,20 @@ class Store:
                 f"{generation.name}: {name} is {info.st_size} bytes, "
                 f"the manifest says {expected.get('size')} (truncated?)"
             )
+        chunk_size = expected.get("chunk_size")
+        if "chunks" in expected and not (isinstance(chunk_size, int) and chunk_size >= 4096):
+            raise VerificationFailed(f"{generation.name}: manifest entry for {name} has a bad chunk size")
         if not hash_it:
             return
         try:
-            _, digest = hash_file(path)
+            if "chunks" in expected:
+                _, chunks = hash_chunks(path, chunk_size, workers=workers)
+                matches = chunks == expected["chunks"]
+            else:
+                matches = hash_file(path)[1] == expected.get("sha256")
         except OSError as error:
             raise VerificationFailed(f"{generation.name}: {name} is unreadable ({error.strerror})") from error
-        if digest != expected.get("sha256"):
+        if not matches:
             raise VerificationFailed(f"{generation.name}: {name} does not match its sha256 (corrupted or tampered)")
 
     def claim(self, generation: Generation, purpose: str = "restore") -> bool:

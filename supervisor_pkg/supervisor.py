@@ -410,7 +410,7 @@ class Supervisor:
             daemon.start()
         except RestoreFailed as error:
             log.warning("lazy restore unavailable (%s); restoring fully", error.message)
-            self.store.verify_pages(generation, manifest)  # raises VerificationFailed
+            self.store.verify_pages(generation, manifest, workers=os.cpu_count() or 2)  # nothing else runs yet
             return None
         return daemon
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from supervisor_pkg.errors import ConfigError, StoreError, VerificationFailed
-from supervisor_pkg.store import Generation, Store, read_signing_key
+from supervisor_pkg import store as store_module
+from supervisor_pkg.store import Generation, PageHasher, Store, read_signing_key
 
 CRIU_VERSION = "4.2.1"
 IMAGES = {
@@ -70,8 +71,12 @@ def test_the_first_publish_makes_gen_00000001_with_a_manifest_of_sizes_and_hashe
     assert manifest["generation"] == 1
     assert manifest["criu_version"] == CRIU_VERSION
     assert manifest["machine"] == os.uname().machine
+    sha256 = {name: hashlib.sha256(data).hexdigest() for name, data in IMAGES.items()}
     assert manifest["files"] == {
-        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in IMAGES.items()
+        "core-1.img": {"size": len(IMAGES["core-1.img"]), "sha256": sha256["core-1.img"]},
+        "mm-1.img": {"size": len(IMAGES["mm-1.img"]), "sha256": sha256["mm-1.img"]},
+        # a page image is hashed in 16 MiB chunks, so that it can be verified on every core; this one is one chunk
+        "pages-1.img": {"size": len(IMAGES["pages-1.img"]), "chunk_size": 16 << 20, "chunks": [sha256["pages-1.img"]]},
     }
     for name, data in IMAGES.items():
         assert Path(generation.path, name).read_bytes() == data
@@ -683,3 +688,77 @@ def test_list_shows_an_incremental_generation_and_verify_checks_its_parent(
     verified = CliRunner().invoke(cli.main, ["verify", "2"], env=environment)
     assert verified.exit_code == 1
     assert "gen-00000002: FAIL gen-00000001: pages-1.img does not match its sha256" in verified.output
+
+
+# --- page images hashed in chunks (verified on every core), in flight and after ----------------------
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """4 KiB chunks, so that a few KiB of test data spans several (the real size is 16 MiB)."""
+    monkeypatch.setattr(store_module, "PAGE_CHUNK", 4096)
+    return 4096
+
+
+def test_a_page_image_is_recorded_as_one_sha256_per_chunk(store: Store, small_chunks: int) -> None:
+    data = os.urandom(3 * small_chunks + 100)
+    generation = publish(store, {**IMAGES, "pages-1.img": data})
+    entry = store.verify(generation, CRIU_VERSION)["files"]["pages-1.img"]
+    pieces = [data[i:i + small_chunks] for i in range(0, len(data), small_chunks)]
+    assert entry == {"size": len(data), "chunk_size": small_chunks,
+                     "chunks": [hashlib.sha256(piece).hexdigest() for piece in pieces]}
+
+
+def test_a_flipped_byte_in_any_chunk_fails_verification(store: Store, small_chunks: int) -> None:
+    data = bytearray(os.urandom(3 * small_chunks))
+    generation = publish(store, {**IMAGES, "pages-1.img": bytes(data)})
+    data[2 * small_chunks + 5] ^= 0xFF  # in the last chunk
+    Path(generation.path, "pages-1.img").write_bytes(bytes(data))
+    with pytest.raises(VerificationFailed, match="pages-1.img does not match its sha256"):
+        store.verify(generation, CRIU_VERSION)
+
+
+def test_a_manifest_that_lies_about_the_chunk_size_is_refused(store: Store) -> None:
+    generation = publish(store)
+    rewrite_manifest(generation, lambda manifest: manifest["files"]["pages-1.img"].update(chunk_size=0))
+    with pytest.raises(VerificationFailed, match="bad chunk size"):
+        store.verify(generation, CRIU_VERSION, defer_pages=True)
+
+
+def test_a_generation_written_before_chunks_whole_file_sha256_still_verifies(store: Store) -> None:
+    generation = publish(store)
+    data = IMAGES["pages-1.img"]
+    rewrite_manifest(generation, lambda manifest: manifest.update(
+        format_version=1, files={**manifest["files"], "pages-1.img": {
+            "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))
+    store.verify(generation, CRIU_VERSION)
+    Path(generation.path, "pages-1.img").write_bytes(b"X" + data[1:])
+    with pytest.raises(VerificationFailed, match="does not match its sha256"):
+        store.verify(generation, CRIU_VERSION)
+
+
+def test_the_page_hasher_follows_a_growing_image_to_the_same_chunks_as_hashing_it_afterwards(
+    tmp_path: Path, small_chunks: int
+) -> None:
+    # As CRIU does: append in uneven pieces while the hasher follows, then stop; the rest is hashed in finish().
+    image = tmp_path / "pages-1.img"
+    data = os.urandom(5 * small_chunks + 1234)
+    with PageHasher(str(tmp_path), poll=0.001) as hasher, open(image, "wb") as handle:
+        for begin in range(0, len(data), 3000):
+            handle.write(data[begin:begin + 3000])
+            handle.flush()
+            time.sleep(0.002)
+        Path(tmp_path, "pages-2.img").write_bytes(data[:small_chunks])  # created after the last poll
+        entries = hasher.finish()
+    assert entries["pages-1.img"] == store_module.page_entry(*store_module.hash_chunks(str(image)))
+    assert entries["pages-1.img"]["size"] == len(data) and len(entries["pages-1.img"]["chunks"]) == 6
+    assert entries["pages-2.img"]["chunks"] == [hashlib.sha256(data[:small_chunks]).hexdigest()]
+
+
+@pytest.mark.parametrize("size_in_chunks", [0.0, 1.0, 2.5])
+def test_the_page_hasher_finishing_exactly_on_or_between_chunk_boundaries(
+    tmp_path: Path, small_chunks: int, size_in_chunks: float
+) -> None:
+    data = os.urandom(int(size_in_chunks * small_chunks))
+    Path(tmp_path, "pages-1.img").write_bytes(data)
+    with PageHasher(str(tmp_path)) as hasher:
+        entries = hasher.finish()
+    assert entries["pages-1.img"] == store_module.page_entry(*store_module.hash_chunks(str(tmp_path / "pages-1.img")))
