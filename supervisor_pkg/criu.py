@@ -47,20 +47,23 @@ def _pycriu() -> Any:
     return pycriu
 
 
-def preload() -> None:
+def preload() -> threading.Thread:
     """Import pycriu in a background thread (~30 ms), while a restore's other steps wait on I/O.
 
     A restore needs pycriu only at its last step; importing it while the
     checkpoint is verified, claimed and the lazy-pages daemon starts takes it
     off the time to the app's first answer. A failure is left for the real
-    import to report.
+    import to report. Join the thread before forking (an import lock held by
+    it would be held forever in the child).
     """
 
     def load() -> None:
         with contextlib.suppress(Exception):
             _pycriu()
 
-    threading.Thread(target=load, name="pycriu-preload", daemon=True).start()
+    thread = threading.Thread(target=load, name="pycriu-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 @functools.cache

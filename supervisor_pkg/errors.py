@@ -79,4 +79,16 @@ class StoreError(SupervisorError):
 
 
 class VerificationFailed(StoreError):
-    pass
+    """A generation must not be restored (here).
+
+    `generation` names the one at fault when it is not the one asked about (an
+    incremental checkpoint's parent). `here_only`: nothing is wrong with it,
+    but this supervisor cannot restore it (a newer manifest format, a newer
+    CRIU, another CPU architecture); it is not marked rejected on the volume,
+    so that a supervisor that can restore it still may.
+    """
+
+    def __init__(self, message: str, generation: str | None = None, here_only: bool = False) -> None:
+        super().__init__(message)
+        self.generation = generation
+        self.here_only = here_only

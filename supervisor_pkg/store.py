@@ -75,7 +75,7 @@ _HASH_CHUNK = 4 << 20
 # that verifying a big image uses every core (1.9x faster on 2 cores here)
 # instead of one sequential sha256 (~0.65 s per GiB).
 PAGE_CHUNK = 16 << 20
-_WORKERS = max(2, os.cpu_count() or 2)
+ALL_CORES = min(8, max(2, len(os.sched_getaffinity(0))))  # the cores this container may use (a few)
 
 
 def is_page_image(name: str) -> bool:
@@ -184,6 +184,17 @@ def hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _at_fault(generation: Generation) -> Iterator[None]:
+    """A VerificationFailed raised inside names `generation` as the one at fault."""
+    try:
+        yield
+    except VerificationFailed as error:
+        if error.generation is None:
+            error.generation = generation.name
+        raise
+
+
 def _is_parent_link(path: str, parent_name: str) -> bool:
     """`path` is exactly the symlink CRIU makes for a parent that is a sibling generation."""
     try:
@@ -225,7 +236,7 @@ def _hash_range(fd: int, begin: int, end: int, digest: Any = None) -> str:
 
 
 def hash_chunks(
-    path: str, chunk_size: int | None = None, fsync: bool = False, workers: int = _WORKERS
+    path: str, chunk_size: int | None = None, fsync: bool = False, workers: int = ALL_CORES
 ) -> tuple[int, list[str]]:
     """(size, [sha256 of each chunk_size (default PAGE_CHUNK) piece]) of a file, hashed on `workers` threads."""
     chunk_size = chunk_size or PAGE_CHUNK
@@ -233,8 +244,15 @@ def hash_chunks(
     try:
         size = os.fstat(fd).st_size
         starts = range(0, size, chunk_size)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            chunks = list(pool.map(lambda start: _hash_range(fd, start, min(size, start + chunk_size)), starts))
+
+        def piece(start: int) -> str:
+            return _hash_range(fd, start, min(size, start + chunk_size))
+
+        if workers == 1:  # in this thread: a daemon thread must not leave a pool that holds up the exit
+            chunks = [piece(start) for start in starts]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                chunks = list(pool.map(piece, starts))
         if fsync:
             os.fsync(fd)
     finally:
@@ -318,7 +336,7 @@ class PageHasher(threading.Thread):
         while not self._stop_event.wait(self.poll):
             self._catch_up()
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, follow: bool = True) -> None:
         try:
             names = [n for n in os.listdir(self.directory) if is_page_image(n)]
         except OSError:
@@ -330,7 +348,8 @@ class PageHasher(threading.Thread):
                 if name not in self._files:
                     self._files[name] = _FollowedImage(os.open(os.path.join(self.directory, name),
                                                                os.O_RDONLY | os.O_NOFOLLOW))
-                self._files[name].follow()
+                if follow:
+                    self._files[name].follow()
             except OSError:
                 self._failed.add(name)  # hashed the slow way after the dump
 
@@ -338,9 +357,9 @@ class PageHasher(threading.Thread):
         """After CRIU returned: stop following, hash the rest on every core, return {name: manifest entry}."""
         self._stop_event.set()
         self.join()
-        self._catch_up()  # images CRIU created since the last poll
+        self._catch_up(follow=False)  # open images CRIU created since the last poll; hashed below
         entries = {}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=ALL_CORES) as pool:
             for name, followed in self._files.items():
                 if name in self._failed:
                     continue
@@ -426,6 +445,13 @@ class Store:
         if pointed is not None and os.path.exists(os.path.join(self.lineage, generation_name(pointed), MANIFEST)):
             numbers.add(pointed)
         return [Generation(n, os.path.join(self.lineage, generation_name(n))) for n in sorted(numbers, reverse=True)]
+
+    def named(self, name: str) -> Generation:
+        """The generation called `name` (gen-NNNNNNNN) in this lineage, published or not."""
+        match = _GENERATION.match(name)
+        if match is None:
+            raise ValueError(f"not a generation name: {name!r}")
+        return Generation(int(match.group(1)), os.path.join(self.lineage, name))
 
     def _pointer(self) -> int | None:
         try:
@@ -576,9 +602,11 @@ class Store:
         restore does so in the background).
         """
         manifest = self._verify_one(generation, local_criu_version, defer_pages)
-        parent = self.parent_of(generation, manifest)
-        if parent is not None:
-            parent_manifest = self._verify_one(parent, local_criu_version, defer_pages)
+        chain = self.parent_of(generation, manifest)
+        if chain is not None:
+            parent, parent_manifest = chain
+            with _at_fault(parent):
+                self._verify_one(parent, local_criu_version, defer_pages, parent_manifest)
             if parent_manifest.get("parent") is not None:
                 raise VerificationFailed(f"{generation.name}: its parent {parent.name} has a parent itself; "
                                          "chains deeper than one are never written")
@@ -587,8 +615,12 @@ class Store:
                                          "is never written")
         return manifest
 
-    def parent_of(self, generation: Generation, manifest: dict[str, Any]) -> Generation | None:
-        """The generation an incremental one depends on (checked: link, name, manifest hash), or None."""
+    def parent_of(self, generation: Generation, manifest: dict[str, Any]) -> tuple[Generation, dict[str, Any]] | None:
+        """The generation an incremental one depends on and its manifest (link, name and hash checked), or None.
+
+        The parent's manifest is read once, hashed and parsed from the same
+        bytes, so that what is verified next is what the hash was taken of.
+        """
         record = manifest.get("parent")
         link = os.path.join(generation.path, PARENT_LINK)
         if record is None:
@@ -599,62 +631,68 @@ class Store:
             raise VerificationFailed(f"{generation.name}: manifest names a malformed parent {record!r}")
         if not _is_parent_link(link, name):
             raise VerificationFailed(f"{generation.name}: its link to the parent {name} is missing or wrong")
-        parent = Generation(int(match.group(1)), os.path.join(self.lineage, name))
+        parent = self.named(name)
         try:
-            _, digest = hash_file(parent.manifest_path)
+            with open(parent.manifest_path, "rb") as handle:
+                raw = handle.read()
         except OSError as error:
             raise VerificationFailed(f"{generation.name}: its parent {name}, which holds its unchanged pages, "
                                      f"is missing ({error.strerror})") from error
-        if digest != record.get("manifest_sha256"):
+        if hashlib.sha256(raw).hexdigest() != record.get("manifest_sha256"):
             raise VerificationFailed(f"{generation.name}: its parent {name} is not the checkpoint it was dumped "
                                      "against (the parent's manifest changed)")
-        return parent
+        try:
+            parent_manifest = json.loads(raw)
+        except ValueError as error:
+            raise VerificationFailed(f"{name}: manifest unreadable: {error}", generation=name) from error
+        if not isinstance(parent_manifest, dict):
+            raise VerificationFailed(f"{name}: manifest unreadable: not a JSON object", generation=name)
+        return parent, parent_manifest
 
     def verify_pages(self, generation: Generation, manifest: dict[str, Any], workers: int = 1) -> None:
         """Hash the page images deferred by verify(defer_pages=True): the generation's and its parent's.
 
         One worker by default: this runs beside a lazily restored app, which needs the other cores.
         """
-        chain = [(generation, manifest)]
-        parent = self.parent_of(generation, manifest)
-        if parent is not None:
-            try:
-                chain.append((parent, parent.read_json(MANIFEST)))
-            except (OSError, ValueError) as error:
-                raise VerificationFailed(f"{parent.name}: manifest unreadable: {error}") from error
-        for member, member_manifest in chain:
-            for name, expected in member_manifest["files"].items():
-                if is_page_image(name):
-                    self._verify_file(member, name, expected, workers=workers)
+        members = [(generation, manifest), *filter(None, [self.parent_of(generation, manifest)])]
+        for member, member_manifest in members:
+            with _at_fault(member):
+                for name, expected in member_manifest["files"].items():
+                    if is_page_image(name):
+                        self._verify_file(member, name, expected, workers=workers)
 
     def memory_bytes(self, generation: Generation, manifest: dict[str, Any]) -> int:
-        """Bytes of memory a restore brings back: page images (uncompressed), the parent's included."""
-        chain = [manifest]
-        with contextlib.suppress(VerificationFailed, OSError, ValueError):
-            parent = self.parent_of(generation, manifest)
-            if parent is not None:
-                chain.append(parent.read_json(MANIFEST))
+        """Bytes of page images a restore reads (uncompressed), the parent's included."""
+        members = [manifest]
+        with contextlib.suppress(VerificationFailed):
+            members += [chain[1] for chain in filter(None, [self.parent_of(generation, manifest)])]
         total = 0
-        for member in chain:
+        for member in members:
             total += sum(int(entry["size"]) for name, entry in member.get("files", {}).items() if is_page_image(name))
             total += sum(int(entry["raw_size"]) for entry in (member.get("compression") or {}).get("pages", {}).values())
         return total
 
-    def _verify_one(self, generation: Generation, local_criu_version: str | None, defer_pages: bool) -> dict[str, Any]:
+    def _verify_one(
+        self, generation: Generation, local_criu_version: str | None, defer_pages: bool,
+        manifest: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if os.path.islink(generation.path):
             raise VerificationFailed(f"{generation.name} is a symlink")
-        try:
-            manifest = generation.read_json(MANIFEST)
-        except (OSError, ValueError) as error:
-            raise VerificationFailed(f"{generation.name}: manifest unreadable: {error}") from error
+        if manifest is None:
+            try:
+                manifest = generation.read_json(MANIFEST)
+            except (OSError, ValueError) as error:
+                raise VerificationFailed(f"{generation.name}: manifest unreadable: {error}") from error
         self._check_signature(generation, manifest)
         if manifest.get("format_version") not in _READABLE_FORMATS:
-            raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest.get('format_version')!r}")
+            raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest.get('format_version')!r} "
+                                     "(written by a newer criu-supervisor?)", here_only=True)
         if manifest.get("generation") != generation.number:
             raise VerificationFailed(f"{generation.name}: manifest names generation {manifest.get('generation')!r}")
         if manifest.get("machine") != os.uname().machine:
             raise VerificationFailed(
-                f"{generation.name}: made on {manifest.get('machine')}, this machine is {os.uname().machine}"
+                f"{generation.name}: made on {manifest.get('machine')}, this machine is {os.uname().machine}",
+                here_only=True,
             )
         if local_criu_version is not None:
             self._check_criu_version(generation, str(manifest.get("criu_version", "")), local_criu_version)
@@ -696,12 +734,13 @@ class Store:
         if version_tuple(local)[:2] < version_tuple(dumped)[:2]:
             raise VerificationFailed(
                 f"{generation.name}: dumped by CRIU {dumped}, but this image has CRIU {local}; "
-                "restore needs the same or a newer CRIU"
+                "restore needs the same or a newer CRIU",
+                here_only=True,
             )
 
     @staticmethod
     def _verify_file(
-        generation: Generation, name: str, expected: Any, hash_it: bool = True, workers: int = _WORKERS
+        generation: Generation, name: str, expected: Any, hash_it: bool = True, workers: int = ALL_CORES
     ) -> None:
         if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _BOOKKEEPING:
             raise VerificationFailed(f"{generation.name}: manifest names an unsafe path {name!r}")

@@ -35,6 +35,7 @@ from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
     CriuError,
+    DumpFailed,
     LeaseLost,
     RestoreFailed,
     RestoreRequired,
@@ -79,8 +80,12 @@ class LazyRestore:
     verified: bool = False
 
 
-class LazyProblem(str):
-    """Posted by the background verifier: why the lazily restored app must die."""
+@dataclasses.dataclass(frozen=True)
+class LazyProblem:
+    """Posted by the background verifier: why the lazily restored app must die, and which generation is bad."""
+
+    reason: str
+    culprit: str | None = None  # an incremental checkpoint's parent, when the bad pages are there
 
 
 class State(enum.Enum):
@@ -148,6 +153,8 @@ class Supervisor:
         # a final dump may then write only the pages dirtied since (see _incremental_parent).
         self.incremental_base: Generation | None = None
         self._announced_dirty_tracking = False
+        self._dirty_tracking_failed = False  # a dump with track_mem or a parent failed: no more tries this run
+        self._preloading: threading.Thread | None = None
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -207,6 +214,8 @@ class Supervisor:
                 self._transition(State.EXITING)
                 raise RestoreRequired(f"CKPT_RESTORE=require but nothing can be restored: {why_fresh}")
         self._transition(State.COLD_START)
+        if self._preloading is not None:
+            self._preloading.join()  # no import half-done in a thread when we fork
         launcher.check_command(self.command)
         self.app_pid = launcher.spawn(
             self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny",
@@ -270,7 +279,7 @@ class Supervisor:
         generations = self.store.generations()
         if not generations:
             return f"no checkpoint in {self.store.lineage}"
-        criu.preload()
+        self._preloading = criu.preload()
         local_criu = criu.version()
         reason = "no restorable checkpoint"
         for generation in generations:
@@ -297,8 +306,14 @@ class Supervisor:
                           "metadata and page sizes; pages are hashed during the lazy restore" if lazy else "every file")
             except VerificationFailed as error:
                 log.warning("refusing %s: %s", generation.name, error.message)
-                self.store.reject(generation, error.message)
                 reason = f"{generation.name} was refused"
+                if error.here_only:
+                    log.warning("%s is left as it is, for a supervisor that can restore it", generation.name)
+                    continue
+                self.store.reject(generation, error.message)
+                if error.generation not in (None, generation.name):
+                    self.store.reject(self.store.named(error.generation), f"as the parent of {generation.name}: "
+                                      f"{error.message}")
                 continue
             try:
                 claimed = self.store.claim(generation)
@@ -421,7 +436,10 @@ class Supervisor:
         try:
             self.store.verify_pages(lazy.generation, lazy.manifest)
         except VerificationFailed as error:
-            self.receiver.post(LazyProblem(error.message))
+            self.receiver.post(LazyProblem(error.message, error.generation))
+            return
+        except Exception as error:  # noqa: BLE001 - unverified pages must never be taken for verified ones
+            self.receiver.post(LazyProblem(f"the page check itself failed: {error!r}"))
             return
         self.receiver.post(LAZY_VERIFIED)
 
@@ -431,7 +449,7 @@ class Supervisor:
         if lazy is None:
             return
         if isinstance(event, LazyProblem):
-            self._lazy_failed(str(event))
+            self._lazy_failed(event.reason, event.culprit)
         if event == LAZY_VERIFIED:
             lazy.verified = True
         if daemon_status is not None:
@@ -448,7 +466,7 @@ class Supervisor:
                      resident / 1048576, time.monotonic() - lazy.started)
             self.lazy = None
 
-    def _lazy_failed(self, reason: str) -> None:
+    def _lazy_failed(self, reason: str, culprit: str | None = None) -> None:
         """Fail safe: an app missing pages would read zeros, one on corrupt pages runs them. Kill it now."""
         lazy = self.lazy
         assert lazy is not None
@@ -458,6 +476,9 @@ class Supervisor:
             os.kill(self.app_pid, signal.SIGKILL)
         lazy.daemon.kill()
         self.store.reject(lazy.generation, f"lazy restore failed: {reason}")
+        if culprit is not None and culprit != lazy.generation.name:  # the parent holds the bad pages
+            self.store.reject(self.store.named(culprit), f"its pages failed the check while {lazy.generation.name} "
+                              f"was lazily restored: {reason}")
         self.lazy = None
         raise RestoreFailed(f"lazy restore of {lazy.generation.name} failed: {reason}; the next start falls back "
                             "to the previous generation or a cold start")
@@ -577,7 +598,8 @@ class Supervisor:
 
     def _tracks_dirty_pages(self) -> bool:
         """Whether a leave-running dump should track memory, to be the parent of an incremental final dump."""
-        return self.config.compress == "none" and criu.has_feature("mem_dirty_track")
+        return (self.config.compress == "none" and not self._dirty_tracking_failed
+                and criu.has_feature("mem_dirty_track"))
 
     def _incremental_parent(self, final: bool) -> Generation | None:
         """The generation a final dump writes only dirtied pages against, or None for a full dump.
@@ -749,6 +771,41 @@ class Supervisor:
         stdio = self._stdio_of(self.app_pid)
         parent = self._incremental_parent(final)
         track_mem = parent is not None or (not final and self._tracks_dirty_pages())
+        try:
+            generation, result = self._dump_and_publish(final, stdio, parent, track_mem)
+        except DumpFailed as error:
+            if not track_mem:
+                raise
+            # CRIU refused memory tracking or the parent (a path this machine's kernel cannot run; see
+            # docs/performance.md): a full dump is still possible, and the app was resumed by CRIU.
+            self._dirty_tracking_failed = True
+            log.warning("%s; dumping again in full, and without memory tracking for the rest of this run",
+                        error.message)
+            parent, track_mem = None, False
+            generation, result = self._dump_and_publish(final, stdio, None, False)
+        if final:
+            os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
+        elif track_mem:
+            self.incremental_base = generation
+        manifest = generation.read_json("manifest.json")
+        self.last_checkpoint = {
+            "generation": generation.name, "trigger": trigger, "final": final, "time": manifest["created"],
+            "parent": parent.name if parent else None,
+            "seconds": round(time.monotonic() - requested, 3), "criu_seconds": round(result.seconds, 3),
+            "bytes": sum(entry["size"] for entry in manifest["files"].values()),
+        }
+        self.metrics.checkpoint(trigger, final, ok=True, seconds=self.last_checkpoint["seconds"],
+                                size=self.last_checkpoint["bytes"], when=float(manifest["created_unix"]))
+        removed = self.store.prune(protect={generation.number})
+        if removed:
+            log.debug("pruned %s", ", ".join(removed))
+        return generation
+
+    def _dump_and_publish(
+        self, final: bool, stdio: dict[str, str], parent: Generation | None, track_mem: bool
+    ) -> tuple[Generation, criu.DumpResult]:
+        """One CRIU dump into a staging generation, published; the app is left stopped only after a final one."""
+        assert self.app_pid is not None and self.lease is not None
         log_name = f"dump-{_stamp()}.log"
         stopped = False
         scratch: str | None = None
@@ -803,23 +860,7 @@ class Supervisor:
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
-        if final:
-            os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
-        elif track_mem:
-            self.incremental_base = generation
-        manifest = generation.read_json("manifest.json")
-        self.last_checkpoint = {
-            "generation": generation.name, "trigger": trigger, "final": final, "time": manifest["created"],
-            "parent": parent.name if parent else None,
-            "seconds": round(time.monotonic() - requested, 3), "criu_seconds": round(result.seconds, 3),
-            "bytes": sum(entry["size"] for entry in manifest["files"].values()),
-        }
-        self.metrics.checkpoint(trigger, final, ok=True, seconds=self.last_checkpoint["seconds"],
-                                size=self.last_checkpoint["bytes"], when=float(manifest["created_unix"]))
-        removed = self.store.prune(protect={generation.number})
-        if removed:
-            log.debug("pruned %s", ", ".join(removed))
-        return generation
+        return generation, result
 
     @staticmethod
     def _keep_socket_names(images_dir: str) -> None:

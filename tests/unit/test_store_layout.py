@@ -554,7 +554,7 @@ def test_an_incremental_generation_names_its_parent_and_the_hash_of_the_parents_
     }
     assert "parent" not in manifest["files"], "the link is recorded as the parent, not as a file"
     assert os.readlink(os.path.join(child.path, "parent")) == "../gen-00000001"
-    assert store.parent_of(child, manifest) == parent
+    assert store.parent_of(child, manifest) == (parent, parent.read_json("manifest.json"))
     assert store.memory_bytes(child, manifest) == len(IMAGES["pages-1.img"]) + len(DIRTY_IMAGES["pages-1.img"])
 
 
@@ -636,8 +636,18 @@ def test_a_lazy_restore_defers_the_parents_pages_too_and_verify_pages_catches_th
     _corrupt_a_parent_page(child, parent)
 
     manifest = store.verify(child, CRIU_VERSION, defer_pages=True)  # sizes only: the first answer is not held up
-    with pytest.raises(VerificationFailed, match="gen-00000001: pages-1.img does not match its sha256"):
+    with pytest.raises(VerificationFailed, match="gen-00000001: pages-1.img does not match its sha256") as caught:
         store.verify_pages(child, manifest)
+    assert caught.value.generation == "gen-00000001", "the parent is at fault, and must be rejected too"
+
+
+def test_a_damaged_parent_is_named_as_the_generation_at_fault(store: Store) -> None:
+    parent = publish(store)
+    child = publish_child(store, parent)
+    _corrupt_a_parent_page(child, parent)
+    with pytest.raises(VerificationFailed) as caught:
+        store.verify(child, CRIU_VERSION)
+    assert caught.value.generation == "gen-00000001"
 
 
 def test_prune_keeps_the_parent_of_a_kept_incremental_generation(store: Store) -> None:
@@ -761,4 +771,46 @@ def test_the_page_hasher_finishing_exactly_on_or_between_chunk_boundaries(
     Path(tmp_path, "pages-1.img").write_bytes(data)
     with PageHasher(str(tmp_path)) as hasher:
         entries = hasher.finish()
+    assert entries["pages-1.img"] == store_module.page_entry(*store_module.hash_chunks(str(tmp_path / "pages-1.img")))
+
+
+@pytest.mark.parametrize(("damage", "here_only"), [
+    (_change_the_format, True), (_come_from_another_machine, True), (_flip_a_byte, False),
+], ids=["newer format", "other machine", "corrupt"])
+def test_a_generation_this_supervisor_cannot_read_is_refused_here_only(
+    store: Store, damage: Callable[[Generation], None], here_only: bool
+) -> None:
+    generation = publish(store)
+    damage(generation)
+    with pytest.raises(VerificationFailed) as caught:
+        store.verify(generation, CRIU_VERSION)
+    assert caught.value.here_only is here_only
+
+
+def test_a_newer_criu_is_refused_here_only(store: Store) -> None:
+    generation = publish(store, criu_version="4.3")
+    with pytest.raises(VerificationFailed, match="restore needs the same or a newer CRIU") as caught:
+        store.verify(generation, "4.2.1")
+    assert caught.value.here_only
+
+
+def test_the_page_hasher_hashes_what_it_did_not_follow_on_every_core_when_finishing(
+    tmp_path: Path, small_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CRIU outran the hasher: it never polled (poll=60 s). finish() must hash it all, in pieces, in parallel.
+    data = os.urandom(6 * small_chunks + 10)
+    Path(tmp_path, "pages-1.img").write_bytes(data)
+    ranges: list[tuple[int, int]] = []
+    real_hash_range = store_module._hash_range
+
+    def recording(fd: int, begin: int, end: int, digest: Any = None) -> str:
+        ranges.append((begin, end))
+        return real_hash_range(fd, begin, end, digest)
+
+    monkeypatch.setattr(store_module, "_hash_range", recording)
+    with PageHasher(str(tmp_path), poll=60) as hasher:
+        entries = hasher.finish()
+    assert sorted(ranges) == [(i * small_chunks, min(len(data), (i + 1) * small_chunks)) for i in range(7)], (
+        "one piece per chunk, handed to the pool"
+    )
     assert entries["pages-1.img"] == store_module.page_entry(*store_module.hash_chunks(str(tmp_path / "pages-1.img")))

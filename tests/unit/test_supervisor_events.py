@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from supervisor_pkg import config, criu, launcher
-from supervisor_pkg.errors import DumpFailed, RestoreRequired, StoreError
+from supervisor_pkg.errors import DumpFailed, RestoreFailed, RestoreRequired, StoreError
 from supervisor_pkg.lease import Lease
 from supervisor_pkg.store import Store
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.supervisor import LEASE_LOST, State, Supervisor
+from supervisor_pkg.supervisor import LEASE_LOST, LazyProblem, LazyRestore, State, Supervisor
 from supervisor_pkg.triggers import Notice
 
 FAKE_APP_PID = 4_194_305  # above PID_MAX_LIMIT (2**22): never a real process
@@ -522,23 +522,48 @@ def test_a_final_dump_without_an_earlier_one_in_this_run_is_full(world: Checkpoi
     assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [(False, None)]
 
 
-def test_a_failed_dump_after_the_safety_net_makes_the_final_dump_a_full_one(world: CheckpointWorld) -> None:
-    # CRIU may have reset the dirty bits before failing: they no longer describe changes since the safety net.
+def criu_refuses_once(world: CheckpointWorld) -> None:
+    """The next dump fails as CRIU would (e.g. "Tracking memory is not available"), the one after works."""
+
+    def refuse() -> None:
+        world.during_dump.remove(refuse)
+        raise DumpFailed("checkpoint failed: Tracking memory is not available", errno=1, log_path="/x/dump.log")
+
+    world.during_dump.append(refuse)
+
+
+def test_a_tracked_dump_that_criu_refuses_is_taken_again_in_full_and_tracking_stops_for_the_run(
+    world: CheckpointWorld, caplog: pytest.LogCaptureFixture
+) -> None:
     world.dirty_tracking = True
     supervisor = world.supervisor
     supervisor.checkpoint(final=False, trigger="aws")
+    criu_refuses_once(world)
 
-    def criu_fails() -> None:
-        raise DumpFailed("checkpoint failed: the parasite died", errno=1, log_path="/x/dump.log")
-
-    world.during_dump.append(criu_fails)
-    supervisor._handle(Notice(source="periodic", final=False))
-    world.during_dump.clear()
+    supervisor._handle(Notice(source="periodic", final=False))  # CRIU may reset the dirty bits before failing
     assert supervisor.state is State.RUNNING
     supervisor._handle(int(signal.SIGTERM))
 
-    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [(True, None), (True, None), (False, None)]
+    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [
+        (True, None), (True, None), (False, None), (False, None)]
+    assert [g.name for g in supervisor.store.generations()] == ["gen-00000003", "gen-00000002"], "kept 2, none lost"
     assert "parent" not in supervisor.store.verify(supervisor.store.generations()[0], "4.2.1")
+    assert "dumping again in full, and without memory tracking for the rest of this run" in caplog.text
+
+
+def test_an_incremental_final_dump_that_criu_refuses_is_taken_again_in_full(world: CheckpointWorld) -> None:
+    world.dirty_tracking = True
+    supervisor = world.supervisor
+    supervisor.checkpoint(final=False, trigger="aws")
+    criu_refuses_once(world)
+
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert [(o["track_mem"], o["parent"]) for o in world.dump_options] == [
+        (True, None), (True, "../gen-00000001"), (False, None)]
+    assert supervisor.exit_code == 0, "the final checkpoint was published, not replaced by a graceful stop"
+    final = supervisor.store.generations()[0]
+    assert final.name == "gen-00000002" and "parent" not in supervisor.store.verify(final, "4.2.1")
 
 
 def test_a_safety_net_rejected_meanwhile_is_not_used_as_a_parent(world: CheckpointWorld) -> None:
@@ -647,6 +672,14 @@ def publish_fake_generation(store: Store, criu_version: str = "4.2.1") -> Any:
         return store.publish(staging, {"criu_version": criu_version})
 
 
+def publish_fake_child(store: Store, parent: Any) -> Any:
+    """An incremental generation, as a final dump with a parent publishes it."""
+    with store.staging() as staging:
+        Path(staging.path, "pages-1.img").write_bytes(b"dirty page")
+        Path(staging.path, "parent").symlink_to(f"../{parent.name}")
+        return store.publish(staging, {"criu_version": "4.2.1"}, parent=parent)
+
+
 def test_restore_require_with_an_empty_volume_raises_restore_required(leased_supervisor: Supervisor) -> None:
     supervisor = leased_supervisor
     supervisor.config = dataclasses.replace(supervisor.config, restore="require")
@@ -677,6 +710,43 @@ def test_a_corrupt_newest_generation_is_rejected_and_the_older_one_is_restored(
     assert supervisor.state is State.RUNNING
     assert newest.rejected and "truncated" in json.loads(Path(newest.path, "rejected.json").read_text())["reason"]
     assert older.claimed
+
+
+def test_a_generation_made_by_a_newer_criu_is_skipped_but_not_rejected_for_a_newer_image(
+    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = leased_supervisor
+    older = publish_fake_generation(supervisor.store)
+    newest = publish_fake_generation(supervisor.store, criu_version="4.3")
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu, "restore", lambda images_dir, *args, **kwargs: FAKE_APP_PID)
+
+    supervisor.start()
+
+    assert older.claimed
+    assert not newest.rejected, "an image with CRIU 4.3 can still restore it"
+
+
+def test_a_corrupt_parent_is_rejected_with_its_incremental_child(
+    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = leased_supervisor
+    parent = publish_fake_generation(supervisor.store)
+    child = publish_fake_child(supervisor.store, parent)
+    with open(os.path.join(parent.path, "pages-1.img"), "r+b") as image:
+        first = image.read(1)
+        image.seek(0)
+        image.write(bytes([first[0] ^ 0xFF]))  # flipped: the pages are random, so writing a fixed byte might not change it
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu, "restore", lambda images_dir, *args, **kwargs: FAKE_APP_PID)
+    monkeypatch.setattr(launcher, "spawn", lambda command, **options: FAKE_APP_PID)
+    monkeypatch.setattr(launcher, "check_command", lambda command: None)
+
+    supervisor.start()
+
+    assert child.rejected and parent.rejected
+    assert "as the parent of gen-00000002" in json.loads(Path(parent.path, "rejected.json").read_text())["reason"]
+    assert not parent.claimed and not child.claimed, "started fresh: nothing restorable"
 
 
 def test_a_generation_claimed_by_another_container_is_not_restored_twice(
@@ -727,3 +797,20 @@ def test_a_volume_error_while_claiming_is_logged_and_the_app_starts_fresh(
     assert supervisor.state is State.RUNNING
     assert f"cannot claim {generation.name}: I/O error on the checkpoint volume" in caplog.text
     assert not generation.rejected, "a volume hiccup says nothing against the checkpoint itself"
+
+
+def test_when_a_lazy_restores_parent_pages_fail_the_check_the_parent_is_rejected_too(
+    leased_supervisor: Supervisor, recorder: Recorder
+) -> None:
+    supervisor = leased_supervisor
+    parent = publish_fake_generation(supervisor.store)
+    child = publish_fake_child(supervisor.store, parent)
+    supervisor.app_pid = FAKE_APP_PID
+    daemon = criu.LazyPagesDaemon(child.path, "/nonexistent", "lazy-pages.log")  # never started: nothing to kill
+    supervisor.lazy = LazyRestore(child, child.read_json("manifest.json"), daemon, started=0.0)
+
+    with pytest.raises(RestoreFailed, match="lazy restore of gen-00000002 failed"):
+        supervisor._lazy_progress(LazyProblem("gen-00000001: pages-1.img does not match its sha256", parent.name))
+
+    assert (FAKE_APP_PID, signal.SIGKILL) in recorder.kills
+    assert child.rejected and parent.rejected, "the next start must not lazily run the same bad pages again"
