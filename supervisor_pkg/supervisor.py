@@ -58,7 +58,7 @@ LEASE_LOST = "lease-lost"
 LAZY_VERIFIED = "lazy-pages-verified"
 # Restore lazily (CKPT_LAZY=auto) above this many bytes of page images. Measured
 # here (docs/benchmarks.md): a full restore's first answer grows ~0.6 s per GiB
-# plus ~0.65 s per GiB of hashing before it; a lazy one stays ~0.1-0.2 s. Below
+# plus ~0.45 s per GiB of hashing before it; a lazy one stays ~0.1-0.2 s. Below
 # 256 MiB the full restore is within ~0.2 s of lazy and verifies every byte first.
 LAZY_THRESHOLD_BYTES = 256 << 20
 LAZY_WORK_ROOT = "/run/criu-supervisor"
