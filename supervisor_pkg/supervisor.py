@@ -34,12 +34,11 @@ from supervisor_pkg import carried, compression, criu, launcher, metrics
 from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
-    CriuError,
     DumpFailed,
-    LeaseLost,
     RestoreFailed,
     RestoreRequired,
     StoreError,
+    SupervisorError,
     VerificationFailed,
 )
 from supervisor_pkg.lease import Heartbeat, Lease
@@ -682,12 +681,12 @@ class Supervisor:
         started = time.monotonic()
         try:
             generation = self.checkpoint(final=True, trigger=notice.source)
-        except (CriuError, StoreError, LeaseLost) as error:
+        except Exception as error:  # noqa: BLE001 - whatever failed, the app still gets its graceful stop
             self.metrics.checkpoint(notice.source, final=True, ok=False, seconds=time.monotonic() - started)
             self._transition(State.FAILED)
-            log.error("%s", error.message)
+            message = _checkpoint_failure(error)
             if notice.on_failed is not None:
-                notice.on_failed(error.message)
+                notice.on_failed(message)
             log.warning("falling back to the app's own graceful stop: sending it SIGTERM%s", self._time_left(", "))
             self._transition(State.STOPPING)
             self._forward(signal.SIGTERM)
@@ -718,12 +717,13 @@ class Supervisor:
         started = time.monotonic()
         try:
             generation = self.checkpoint(final=False, trigger=notice.source)
-        except (CriuError, StoreError, LeaseLost) as error:
+        except Exception as error:  # noqa: BLE001 - whatever failed, the app keeps running
             self.metrics.checkpoint(notice.source, final=False, ok=False, seconds=time.monotonic() - started)
-            log.error("%s (%s checkpoint; the app keeps running)", error.message, notice.source)
+            message = _checkpoint_failure(error)
+            log.error("the %s checkpoint failed; the app keeps running", notice.source)
             self._transition(State.RUNNING)
             if notice.on_failed is not None:
-                notice.on_failed(error.message)
+                notice.on_failed(message)
             return
         self._transition(State.RUNNING)
         log.info("%s checkpoint %s published in %.2f s; the app kept running%s", notice.source, generation.name,
@@ -949,6 +949,15 @@ class _DumpProgress(threading.Thread):
             elapsed = time.monotonic() - self.started
             log.info("dump in progress: %.0f MiB written in %.0f s (%.0f MiB/s)",
                      written / 1048576, elapsed, written / 1048576 / elapsed)
+
+
+def _checkpoint_failure(error: Exception) -> str:
+    """Log why a checkpoint failed: our one-line message, or a traceback for anything unforeseen."""
+    if isinstance(error, SupervisorError):
+        log.error("%s", error.message)
+        return error.message
+    log.exception("checkpoint failed unexpectedly (a bug: please report it with this traceback)")
+    return f"checkpoint failed unexpectedly: {error!r}"
 
 
 def _terminals(stdio: dict[str, str]) -> list[str]:

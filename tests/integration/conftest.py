@@ -16,10 +16,20 @@ def _images_exist() -> None:
             pytest.exit(f"image {image} missing: run scripts/bootstrap.sh", returncode=1)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def engine() -> Iterator[Docker]:
+def engine(request: pytest.FixtureRequest) -> Iterator[Docker]:
     factory = Docker()
     try:
         yield factory
     finally:
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            factory.print_logs()  # shown under the failure: the containers are gone afterwards
         factory.cleanup()

@@ -151,6 +151,11 @@ class Docker:
                         "--entrypoint", "criu-supervisor", BASE_IMAGE, "list", "--json", "--name", name)
         return json.loads(result.stdout)
 
+    def print_logs(self, lines: int = 60) -> None:
+        for name in self.containers:
+            result = docker("logs", "--timestamps", "--tail", str(lines), name, check=False)
+            print(f"----- docker logs {name} (last {lines} lines) -----\n{result.stdout}{result.stderr}")
+
     def cleanup(self) -> None:
         for name in self.containers:
             docker("rm", "-f", name, check=False)

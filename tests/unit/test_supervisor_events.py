@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from supervisor_pkg import config, criu, launcher
-from supervisor_pkg.errors import DumpFailed, RestoreFailed, RestoreRequired, StoreError
+from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed, RestoreRequired, StoreError
 from supervisor_pkg.lease import Lease
 from supervisor_pkg.store import Store
 from supervisor_pkg.signals import SignalReceiver
@@ -614,6 +614,29 @@ def test_a_failed_dump_falls_back_to_a_graceful_sigterm_and_publishes_nothing(
     assert recorder.kills == [(FAKE_APP_PID, signal.SIGTERM)]
     assert supervisor.store.generations() == []
     assert staging_dirs(supervisor.store) == []
+
+
+@pytest.mark.parametrize("failure", [
+    EnvironmentProblem("pycriu is not installed: use the criu-supervisor base image"),
+    RuntimeError("a bug"),
+], ids=["environment", "bug"])
+def test_any_failure_of_a_final_checkpoint_falls_back_to_the_graceful_stop_rather_than_ending_pid_1(
+    world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: Exception
+) -> None:
+    # Were it to escape, PID 1 would exit and the kernel would SIGKILL the app: no checkpoint and no graceful stop.
+    def failing_dump(*args: Any, **kwargs: Any) -> None:
+        raise failure  # before CRIU stops anything, as a failed pycriu import would
+
+    monkeypatch.setattr(criu, "dump", failing_dump)
+    supervisor = world.supervisor
+
+    supervisor._handle(int(signal.SIGTERM))
+
+    assert world.names() == ["SIGTERM"], "dump failed; the app asked to stop"
+    assert supervisor.state is State.STOPPING
+    assert str(failure) in caplog.text
+    status = world.reap_app()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
 
 
 def test_after_the_fallback_the_supervisor_exits_with_the_apps_own_code(
