@@ -98,8 +98,15 @@ class _Stream:
         self.catch_up()
         self.out.write(self._compressor.flush())
         self.out.close()
-        os.close(self.fd)
+        self.close()
         return self.out.size, self.out.digest.hexdigest(), self.offset
+
+    def close(self) -> None:
+        """Close the raw image, once: a second close(2) of a number another thread has reused since
+        would close *its* file (this made a later `criu --version` fail with EBADF)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 class PageCompressor(threading.Thread):
@@ -124,7 +131,7 @@ class PageCompressor(threading.Thread):
         self.join()
         for stream in self._streams.values():
             with contextlib.suppress(OSError):
-                os.close(stream.fd)
+                stream.close()
 
     def run(self) -> None:
         while not self._stop_event.wait(self.poll):
