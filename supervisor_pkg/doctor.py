@@ -312,7 +312,8 @@ def check_features(supported: Mapping[str, bool], lazy: str = "auto", refused: s
                 kubernetes="securityContext: {capabilities: {add: [SYS_PTRACE]}, seccompProfile: {type: Unconfined}}"),
         ))
     if supported.get("mem_dirty_track"):
-        findings.append(_ok("feature:mem_dirty_track", "soft-dirty tracking works: incremental dumps are possible"))
+        findings.append(_ok("feature:mem_dirty_track", "soft-dirty tracking works: a final dump after a leave-running "
+                            "one writes only the pages dirtied since (with CKPT_COMPRESS=none)"))
     else:
         findings.append(Finding(
             "feature:mem_dirty_track", Status.WARN,
