@@ -48,6 +48,7 @@ class Lease:
         self.token = secrets.token_hex(16)
         self.beat = 0
         self.held = False
+        self.taken_over = False  # check() found another holder: the heartbeat must report it (fencing)
         self._lock = threading.Lock()
 
     # --- reading --------------------------------------------------------------
@@ -195,6 +196,8 @@ class Lease:
         """Beat once. Raises LeaseLost if somebody else now owns the lease."""
         with self._lock:
             if not self.held:
+                if self.taken_over:  # seen by check() while publishing: the heartbeat reports it now
+                    raise LeaseLost("the lease was taken over (seen while publishing a checkpoint)")
                 return
             current = self.read()  # OSError propagates: the heartbeat logs it and retries
             if current is not None and "unreadable" in current:
@@ -216,6 +219,7 @@ class Lease:
         except OSError as error:
             raise LeaseLost(f"cannot read the lease ({error.strerror}); not publishing without proof of it") from error
         if not self.held or current is None or current.get("owner") != self.token:
+            self.taken_over = self.taken_over or self.held  # held until now: somebody else took it
             self.held = False
             raise LeaseLost("the lease is no longer ours; not publishing a checkpoint over the new holder's")
 

@@ -803,12 +803,17 @@ class Store:
             claim = generation.read_json(CLAIM)
             _write_json_atomically(os.path.join(generation.path, CLAIM), {**claim, "restored": time.time()})
 
-    def reject(self, generation: Generation, reason: str) -> None:
-        """Record on the volume why this generation must never be restored."""
+    def reject(self, generation: Generation, reason: str, culprit: str | None = None) -> None:
+        """Record on the volume why this generation must never be restored.
+
+        `culprit`: another generation at fault (an incremental one's parent), rejected with it.
+        """
         with contextlib.suppress(OSError):
             _write_json_atomically(
                 os.path.join(generation.path, REJECTED), {"reason": reason, "time": time.time(), **identity()}
             )
+        if culprit not in (None, generation.name):
+            self.reject(self.named(culprit), f"as the parent of {generation.name}: {reason}")
 
     # --- retention -----------------------------------------------------------
     def prune(self, keep: int | None = None, protect: set[int] | None = None) -> list[str]:

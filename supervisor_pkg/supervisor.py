@@ -43,7 +43,7 @@ from supervisor_pkg.errors import (
 )
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import Generation, PageHasher, Store, identity, read_signing_key
+from supervisor_pkg.store import ALL_CORES, Generation, PageHasher, Store, identity, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
@@ -309,10 +309,7 @@ class Supervisor:
                 if error.here_only:
                     log.warning("%s is left as it is, for a supervisor that can restore it", generation.name)
                     continue
-                self.store.reject(generation, error.message)
-                if error.generation not in (None, generation.name):
-                    self.store.reject(self.store.named(error.generation), f"as the parent of {generation.name}: "
-                                      f"{error.message}")
+                self.store.reject(generation, error.message, culprit=error.generation)
                 continue
             try:
                 claimed = self.store.claim(generation)
@@ -329,10 +326,10 @@ class Supervisor:
                 if self.lazy is None:
                     self.store.mark_restored(generation)  # a lazy one: once every page is in and verified
                 self.metrics.restore(ok=True, seconds=self.last_restore["seconds"])
-            except RestoreFailed as error:
+            except (RestoreFailed, VerificationFailed) as error:  # (pages checked when lazy-pages cannot run)
                 self.metrics.restore(ok=False)
                 log.error("%s", error.message)
-                self.store.reject(generation, error.message)
+                self.store.reject(generation, error.message, culprit=getattr(error, "generation", None))
                 self._reap()
                 reason = f"restoring {generation.name} failed"
                 continue
@@ -424,7 +421,7 @@ class Supervisor:
             daemon.start()
         except RestoreFailed as error:
             log.warning("lazy restore unavailable (%s); restoring fully", error.message)
-            self.store.verify_pages(generation, manifest, workers=os.cpu_count() or 2)  # nothing else runs yet
+            self.store.verify_pages(generation, manifest, workers=ALL_CORES)  # nothing else runs yet
             return None
         return daemon
 
@@ -474,10 +471,7 @@ class Supervisor:
         if self.app_pid is not None and self.app_status is None:
             os.kill(self.app_pid, signal.SIGKILL)
         lazy.daemon.kill()
-        self.store.reject(lazy.generation, f"lazy restore failed: {reason}")
-        if culprit is not None and culprit != lazy.generation.name:  # the parent holds the bad pages
-            self.store.reject(self.store.named(culprit), f"its pages failed the check while {lazy.generation.name} "
-                              f"was lazily restored: {reason}")
+        self.store.reject(lazy.generation, f"lazy restore failed: {reason}", culprit=culprit)
         self.lazy = None
         raise RestoreFailed(f"lazy restore of {lazy.generation.name} failed: {reason}; the next start falls back "
                             "to the previous generation or a cold start")

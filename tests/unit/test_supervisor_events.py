@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from supervisor_pkg import config, criu, launcher
-from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed, RestoreRequired, StoreError
+from supervisor_pkg.errors import (
+    DumpFailed,
+    EnvironmentProblem,
+    LeaseLost,
+    RestoreFailed,
+    RestoreRequired,
+    StoreError,
+)
 from supervisor_pkg.lease import Lease
 from supervisor_pkg.store import Store
 from supervisor_pkg.signals import SignalReceiver
@@ -448,6 +455,24 @@ def test_a_fenced_checkpoint_leaves_the_new_holders_lease_alone(
     assert (supervisor.lease.read() or {}).get("container_id") == "other"
 
 
+def test_a_takeover_seen_while_publishing_a_leave_running_checkpoint_still_stops_the_app(
+    world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failed checkpoint leaves the app running; the heartbeat's next beat must still fence it.
+    supervisor = world.supervisor
+    _lease_taken_over_during_the_dump(world, monkeypatch)
+    supervisor._handle(Notice(source="periodic", final=False))
+    assert supervisor.state is State.RUNNING
+    assert supervisor.lease is not None
+
+    with pytest.raises(LeaseLost):
+        supervisor.lease.renew()  # what the heartbeat thread does next; it then posts LEASE_LOST
+    supervisor._handle(LEASE_LOST)
+
+    assert supervisor.state is State.STOPPING
+    assert world.names()[-1] == "SIGTERM"
+
+
 def test_a_leave_running_checkpoint_resumes_the_app_before_publishing(world: CheckpointWorld) -> None:
     supervisor = world.supervisor
 
@@ -770,6 +795,31 @@ def test_a_corrupt_parent_is_rejected_with_its_incremental_child(
     assert child.rejected and parent.rejected
     assert "as the parent of gen-00000002" in json.loads(Path(parent.path, "rejected.json").read_text())["reason"]
     assert not parent.claimed and not child.claimed, "started fresh: nothing restorable"
+
+
+def test_pages_that_fail_the_check_when_lazy_pages_cannot_run_reject_the_generation_instead_of_crashing(
+    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = leased_supervisor
+    supervisor.config = dataclasses.replace(supervisor.config, lazy="on")
+    generation = publish_fake_generation(supervisor.store)
+    with open(os.path.join(generation.path, "pages-1.img"), "r+b") as image:
+        first = image.read(1)
+        image.seek(0)
+        image.write(bytes([first[0] ^ 0xFF]))
+
+    def no_daemon(self: Any, timeout: float = 5.0) -> int:
+        raise RestoreFailed("CRIU's lazy-pages daemon did not start: no userfaultfd")
+
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu.LazyPagesDaemon, "start", no_daemon)
+    monkeypatch.setattr(launcher, "spawn", lambda command, **options: FAKE_APP_PID)
+    monkeypatch.setattr(launcher, "check_command", lambda command: None)
+
+    supervisor.start()  # falls back to checking every page before a full restore: they fail
+
+    assert generation.rejected, "claimed and refused: the next start must not stop at it as 'already restored'"
+    assert supervisor.state is State.RUNNING and supervisor.app_pid == FAKE_APP_PID  # started fresh
 
 
 def test_a_generation_claimed_by_another_container_is_not_restored_twice(
