@@ -93,6 +93,14 @@ def _url(variable: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _optional_text(variable: str, raw: str) -> str | None:
+    if raw == "":
+        return None
+    if len(raw) > 200 or not raw.isprintable():
+        raise ConfigError(f"{variable}={raw[:40]!r}... is not valid: use at most 200 printable characters")
+    return raw
+
+
 def _toggle(variable: str, raw: str) -> bool:
     if raw.strip() not in ("0", "1"):
         raise ConfigError(f"{variable}={raw!r} is not valid: accepted values are 0, 1")
@@ -201,10 +209,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_COMPRESS", "none", _choice("none", "zstd", "lz4"),
             "Compress page images on their way to the volume (CRIU dumps to local scratch space, the pages are "
             "streamed compressed to the volume while CRIU writes): fewer bytes on slow network volumes."),
-    Setting("CKPT_LAZY", "auto", _choice("auto", "on", "off"),
-            "Restore lazily (pages fetched on first touch by CRIU's lazy-pages daemon, the rest pushed in the "
-            "background): the app answers in ~0.1 s whatever its size. auto: when the pages exceed 256 MiB and no "
-            "CKPT_SIGNING_KEY_FILE is set (page images are then verified in the background, not before)."),
+    Setting("CKPT_LAZY", "off", _choice("off", "on", "auto"),
+            "off: every byte of a checkpoint is verified before the app runs. on: restore lazily (pages fetched on "
+            "first touch by CRIU's lazy-pages daemon): the app answers in ~0.1 s whatever its size, but its page "
+            "images are verified in the background, after it runs (a mismatch kills it, exit 7). auto: lazily when "
+            "the pages exceed 256 MiB and no CKPT_SIGNING_KEY_FILE is set."),
     Setting("CKPT_IO_URING", "deny", _choice("deny", "allow"),
             "deny: the app's io_uring_setup() fails with ENOSYS, so runtimes (libuv, Node.js) fall back to epoll "
             "before opening a ring, which CRIU cannot dump; allow: io_uring works, checkpoints of apps using it fail."),
@@ -217,6 +226,21 @@ SETTINGS: tuple[Setting, ...] = (
             "over /proc (kcore, keys, read-only sys...) are not re-applied inside it."),
     Setting("CKPT_METRICS_PORT", "0", _port,
             "Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)."),
+    Setting("CKPT_CANNOT_RESTORE", "exit", _choice("exit", "fresh"),
+            "When this container cannot restore the newest checkpoint although nothing is wrong with it (a missing "
+            "capability, a seccomp filter, another CPU, an older CRIU, no terminal): exit: exit 6 naming the cause "
+            "and the fix, and leave the checkpoint for a replacement that can; fresh: start the app fresh (the "
+            "checkpoint is kept, not condemned, until newer ones replace it)."),
+    Setting("CKPT_ROLLBACK", "allow", _choice("allow", "refuse"),
+            "When the instance that restored the newest checkpoint died without a newer one: allow: restore it "
+            "again (the work done since it is lost, and logged); refuse: start fresh, for apps that must never "
+            "repeat work."),
+    Setting("CKPT_RESTORE_STALL", "30", _positive_seconds,
+            "Seconds a restore may go without progress (CRIU's log and reads not growing) before it is killed and "
+            "this container is judged unable to restore (exit 6, the checkpoint kept)."),
+    Setting("CKPT_APP_VERSION", "", _optional_text,
+            "Optional: a version of the app (e.g. the image tag or digest, from the deployment). Recorded in every "
+            "checkpoint; a checkpoint of another version is not restored (the app starts fresh)."),
     Setting("CKPT_AFTER_NOTICE", "idle", _choice("idle", "exit"),
             "After the final checkpoint for a cloud notice: idle (stay up without the app, so a restart policy "
             "cannot restore it on the doomed machine) or exit 0."),
@@ -252,6 +276,10 @@ class Config:
     share_ipc: bool
     own_proc: bool
     metrics_port: int
+    cannot_restore: str
+    rollback: str
+    restore_stall: float
+    app_version: str | None
     after_notice: str
 
     @property

@@ -6,12 +6,17 @@
     ├── CommandNotExecutable        CMD exists but cannot be run (exit 126)
     ├── EnvironmentProblem          CRIU/pycriu missing, volume unusable (exit 4)
     ├── RestoreRequired             CKPT_RESTORE=require and nothing restorable (exit 3)
+    ├── CannotRestoreHere           the newest checkpoint is good, this container cannot restore it (exit 6)
+    ├── LazyRestoreCorrupt          a lazily restored app's pages failed their check after it ran (exit 7)
+    ├── StoppedDuringRestore        asked to stop while restoring: aborted, the checkpoint kept (exit 0)
     ├── LeaseHeld                   another live instance owns the lineage (exit 5)
     │   └── StoppedWhileWaiting     asked to stop while waiting for it (exit 0)
     ├── LeaseLost                   our lease was taken over: we are fenced
     ├── CriuError                   CRIU said no; carries errno and log path
     │   ├── DumpFailed
-    │   └── RestoreFailed
+    │   └── RestoreFailed           .fault: "checkpoint" (its images) or "container" (this one's settings)
+    │       ├── RestoreStalled      no progress for CKPT_RESTORE_STALL seconds: killed
+    │       └── RestoreInterrupted  a stop was asked for while CRIU worked: killed
     └── StoreError                  the volume said no (EROFS, ENOSPC, EIO...)
         └── VerificationFailed      a generation is incomplete, corrupt or incompatible
 
@@ -47,6 +52,22 @@ class RestoreRequired(SupervisorError):
     pass
 
 
+class CannotRestoreHere(SupervisorError):
+    """Nothing is wrong with the checkpoint; this container (its settings, CPU, engine, CRIU) cannot restore it."""
+
+    def __init__(self, message: str, generation: str | None = None) -> None:
+        super().__init__(message)
+        self.generation = generation
+
+
+class LazyRestoreCorrupt(SupervisorError):
+    pass
+
+
+class StoppedDuringRestore(SupervisorError):
+    pass
+
+
 class LeaseHeld(SupervisorError):
     pass
 
@@ -70,7 +91,26 @@ class DumpFailed(CriuError):
     pass
 
 
+CHECKPOINT_AT_FAULT = "checkpoint"
+CONTAINER_AT_FAULT = "container"
+
+
 class RestoreFailed(CriuError):
+    """`fault`: CHECKPOINT_AT_FAULT when the evidence says the images are unusable anywhere (the generation is
+    then rejected), else CONTAINER_AT_FAULT: this container could not restore a verified checkpoint."""
+
+    def __init__(
+        self, message: str, errno: int | None = None, log_path: str | None = None, fault: str = CONTAINER_AT_FAULT
+    ) -> None:
+        super().__init__(message, errno, log_path)
+        self.fault = fault
+
+
+class RestoreStalled(RestoreFailed):
+    pass
+
+
+class RestoreInterrupted(RestoreFailed):
     pass
 
 
