@@ -9,6 +9,8 @@ Exit codes (the contract, also in the README):
     4       the environment cannot work (pycriu missing, volume unusable at start)
     5       another live instance holds this app's lease (CKPT_HANDOFF_TIMEOUT passed)
             (0 if stopped while still waiting for it: nothing ran, nothing is lost)
+    6       this container cannot restore the newest checkpoint, which is kept (CKPT_CANNOT_RESTORE=exit)
+    7       a lazily restored app's pages failed their check after it ran (CKPT_LAZY=on/auto)
     126     the command exists but cannot be executed
     127     the command was not found
 """
@@ -27,12 +29,16 @@ import click
 from supervisor_pkg import __version__
 from supervisor_pkg.config import SETTINGS, load
 from supervisor_pkg.errors import (
+    CannotRestoreHere,
     CommandNotExecutable,
     CommandNotFound,
     ConfigError,
     EnvironmentProblem,
+    LazyRestoreCorrupt,
     LeaseHeld,
+    LeaseLost,
     RestoreRequired,
+    StoppedDuringRestore,
     StoppedWhileWaiting,
     SupervisorError,
 )
@@ -42,7 +48,11 @@ EXIT_CODES: dict[type[SupervisorError], int] = {
     RestoreRequired: 3,
     EnvironmentProblem: 4,
     LeaseHeld: 5,
+    LeaseLost: 5,
     StoppedWhileWaiting: 0,
+    StoppedDuringRestore: 0,
+    CannotRestoreHere: 6,
+    LazyRestoreCorrupt: 7,
     CommandNotExecutable: 126,
     CommandNotFound: 127,
 }
@@ -102,7 +112,8 @@ def run(command: tuple[str, ...], **flags: str | None) -> None:
             main.main(args=list(command), prog_name="criu-supervisor")
         code = Supervisor(config, list(command), receiver).run()
     except SupervisorError as error:
-        (log.info if isinstance(error, StoppedWhileWaiting) else log.error)("%s", error.message)
+        stopped = isinstance(error, (StoppedWhileWaiting, StoppedDuringRestore))
+        (log.info if stopped else log.error)("%s", error.message)
         code = exit_code_for_error(error)
     sys.exit(code)
 
@@ -135,11 +146,26 @@ def _describe(generation: Any) -> dict[str, Any]:
             host=(manifest.get("source") or {}).get("host"),
             dump_seconds=(manifest.get("stats") or {}).get("dump_seconds"),
             parent=(manifest.get("parent") or {}).get("generation"),
-            state="rejected" if generation.rejected else "claimed" if generation.claimed else "complete",
+            state=_state(generation),
         )
     except (OSError, ValueError, AttributeError):
         row["state"] = "corrupt"
     return row
+
+
+def _state(generation: Any) -> str:
+    """rejected; ended (its restored app stopped on its own); restored (its app ran); claimed; complete."""
+    from supervisor_pkg.store import Claim
+
+    if generation.rejected:
+        return "rejected"
+    try:
+        claim = Claim.parse(generation.read_json("claim.json"))
+    except FileNotFoundError:
+        return "complete"
+    except (OSError, ValueError):
+        return "claimed"
+    return "ended" if claim.ended is not None else "restored" if claim.resumed is not None else "claimed"
 
 
 @main.command("list")

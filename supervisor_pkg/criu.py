@@ -1,23 +1,36 @@
 """The one adapter over pycriu: the only module that talks to CRIU.
 
-Dump and restore go through CRIU's RPC (`criu swrk`, forked by pycriu), never
-by parsing CLI output. Two pycriu facts shape this code (verified with 4.2.1):
+Dump and restore go through CRIU's RPC (`criu swrk`), never by parsing CLI
+output. The exchange is pycriu's (a SOCK_SEQPACKET socket pair, pycriu's own
+protobuf classes in pycriu.rpc_pb2), driven by `_Swrk` here rather than by
+pycriu's `criu` class, which blocks in recv() until CRIU answers. We need what
+it lacks: CRIU's notifications (a restore stops at "pre-resume", the tree
+complete but not one instruction run, until we say go), a wait a watchdog can
+cut short (a restore that hangs, a SIGTERM meanwhile), and swrk's PID to kill.
+Facts that shape this code (verified with CRIU 4.2.1):
 - directory fds passed as images_dir_fd/work_dir_fd must be inheritable,
-  because swrk is a forked+exec'd child;
-- swrk closes fds 0-2 before exec, so fds given in inherit_fd must be dups
-  above 2.
+  because swrk is a spawned child;
+- swrk runs with fds 0-2 closed (as pycriu does), so fds given in inherit_fd
+  must be dups above 2.
 A CRIU failure becomes DumpFailed/RestoreFailed with one readable line (the
-likely cause and its fix, see `explain`) and the path of the full CRIU log.
+likely cause and its fix, see `explain`) and the path of the full CRIU log; a
+failed restore also says whose fault it is (`restore_fault`).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
+import glob
 import os
 import quopri
 import re
+import select
+import shutil
 import signal
 import socket
 import stat
@@ -25,10 +38,18 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed
+from supervisor_pkg.errors import (
+    CHECKPOINT_AT_FAULT,
+    CONTAINER_AT_FAULT,
+    DumpFailed,
+    EnvironmentProblem,
+    RestoreFailed,
+    RestoreInterrupted,
+    RestoreStalled,
+)
 
 CRIU_BINARY = "criu"
 # Deleted-but-open files are copied into the checkpoint (ghost files) up to this
@@ -111,16 +132,126 @@ def _directory_fd(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-def _new_client(images_fd: int, work_fd: int, log_name: str, log_level: int) -> Any:
-    pycriu = _pycriu()
-    client = pycriu.criu()
-    client.use_binary(CRIU_BINARY)
-    client.opts.images_dir_fd = images_fd
-    client.opts.work_dir_fd = work_fd
-    client.opts.log_file = log_name
-    client.opts.log_level = log_level
-    client.opts.ghost_limit = GHOST_LIMIT
-    return client
+def _rpc() -> Any:
+    """pycriu's protobuf classes for CRIU's RPC (criu_req, criu_resp, criu_opts)."""
+    return _pycriu().rpc_pb2
+
+
+def _options(images_fd: int, work_fd: int, log_name: str, log_level: int) -> Any:
+    opts = _rpc().criu_opts(images_dir_fd=images_fd)
+    opts.work_dir_fd = work_fd
+    opts.log_file = log_name
+    opts.log_level = log_level
+    opts.ghost_limit = GHOST_LIMIT
+    return opts
+
+
+class _SwrkDied(Exception):
+    """criu swrk closed its socket (it exited or was killed) without answering."""
+
+
+class _Swrk:
+    """One `criu swrk` child and the socket we speak CRIU's RPC over (see the module docstring)."""
+
+    _MAX_MESSAGE = 1 << 20
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            os.set_inheritable(theirs.fileno(), True)
+            self.pid = os.posix_spawnp(
+                CRIU_BINARY, [CRIU_BINARY, "swrk", str(theirs.fileno())], os.environ,
+                file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2)],
+            )
+        except OSError as error:
+            ours.close()
+            raise EnvironmentProblem(
+                f"cannot run {CRIU_BINARY} swrk: {error}; use the base image, which ships CRIU 4.2"
+            ) from error
+        finally:
+            theirs.close()
+        self.socket = ours
+
+    def send(self, message: Any) -> None:
+        self.socket.send(message.SerializeToString())
+
+    def receive(self, timeout: float | None) -> Any | None:
+        """CRIU's next message, or None if none came within `timeout`."""
+        ready, _, _ = select.select([self.socket], [], [], timeout)
+        if not ready:
+            return None
+        data, ancillary, flags, _ = self.socket.recvmsg(
+            self._MAX_MESSAGE, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                # Some notifications carry an fd (orphan-pts-master); we never asked for one.
+                for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                    os.close(fd)
+        if not data:
+            raise _SwrkDied()
+        if flags & socket.MSG_TRUNC:
+            raise OSError(f"a message from CRIU was longer than {self._MAX_MESSAGE} bytes")
+        response = _rpc().criu_resp()
+        response.ParseFromString(data)
+        return response
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Close the socket and reap swrk (which exits once it has answered); never wait forever."""
+        self.socket.close()
+        deadline = time.monotonic() + 5.0
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    self.kill()
+                    os.waitpid(self.pid, 0)
+                    return
+                time.sleep(0.005)
+
+
+def _exchange(
+    request: Any,
+    watch: Callable[[], None] | None = None,
+    on_notify: Callable[[str, int | None], None] | None = None,
+    poll: float = 0.1,
+) -> Any:
+    """Send one request to a new swrk; answer its notifications; return its final response.
+
+    `watch` runs every `poll` seconds while CRIU works and `on_notify` at each
+    notification; either may raise to abort, which kills swrk (the caller
+    cleans up what it had restored).
+    """
+    rpc = _rpc()
+    swrk = _Swrk()
+    try:
+        swrk.send(request)
+        while True:
+            message = swrk.receive(None if watch is None else poll)
+            if message is None:
+                assert watch is not None
+                watch()
+                continue
+            if message.type == rpc.NOTIFY:
+                if on_notify is not None:
+                    on_notify(message.notify.script, getattr(message.notify, "pid", 0) or None)
+                swrk.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True))
+                continue
+            return message
+    except BaseException:
+        swrk.kill()
+        raise
+    finally:
+        swrk.close()
+
+
+def _criu_said(response: Any) -> str:
+    """CRIU's own error message in an RPC response (CRIU >= 3.15 fills cr_errmsg), for when its log says nothing."""
+    message = str(getattr(response, "cr_errmsg", "") or "").strip()
+    return message or f"CRIU failed (errno {getattr(response, 'cr_errno', 0) or 'unknown'})"
 
 
 def dump(
@@ -148,31 +279,35 @@ def dump(
     dump (volume full while publishing, the lease lost) would lose the app.
     """
     log_path = os.path.join(log_dir, log_name)
-    pycriu = _pycriu()
+    rpc = _rpc()
     with _directory_fd(images_dir) as images_fd, _directory_fd(log_dir) as work_fd:
-        client = _new_client(images_fd, work_fd, log_name, log_level)
-        client.opts.pid = pid
-        client.opts.leave_stopped = True
-        client.opts.track_mem = track_mem
+        opts = _options(images_fd, work_fd, log_name, log_level)
+        opts.pid = pid
+        opts.leave_stopped = True
+        opts.track_mem = track_mem
         if parent is not None:
-            client.opts.parent_img = parent
+            opts.parent_img = parent
         # Resources outside the tree that CRIU must not try to dump, e.g. the
         # container runtime's terminal 'tty[rdev:dev]' under `docker run -t`.
-        client.opts.external.extend(sorted(set(external)))
+        opts.external.extend(sorted(set(external)))
         if mount_namespace:
-            _carry_mount_namespace(client.opts)
-        _set_tcp(client.opts, tcp)
+            _carry_mount_namespace(opts)
+        _set_tcp(opts, tcp)
         started = time.monotonic()
         try:
-            client.dump()
-        except pycriu.CRIUException as error:
-            raise DumpFailed(
-                f"checkpoint failed: {explain(log_path, error)} (full CRIU log: {log_path})",
-                errno=getattr(error, "errno", None),
-                log_path=log_path,
-            ) from error
+            response = _exchange(rpc.criu_req(type=rpc.DUMP, opts=opts))
+        except (_SwrkDied, OSError) as error:
+            raise DumpFailed(f"checkpoint failed: CRIU died ({error or 'no answer'}): {explain(log_path)} "
+                             f"(full CRIU log: {log_path})", log_path=log_path) from error
         finally:
             _private(log_dir)
+        if not response.success:
+            raise DumpFailed(
+                f"checkpoint failed: {explain(log_path, RuntimeError(_criu_said(response)))} "
+                f"(full CRIU log: {log_path})",
+                errno=response.cr_errno or None,
+                log_path=log_path,
+            )
     return DumpResult(seconds=time.monotonic() - started, log_path=log_path)
 
 
@@ -233,44 +368,229 @@ def restore(
     log_level: int = 4,
     lazy: bool = False,
     mount_namespace: bool = False,
+    stall_timeout: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    before_resume: Callable[[int | None], None] | None = None,
 ) -> int:
     """Restore the tree in `images_dir` as our child; return its root's PID.
 
     `inherit` maps CRIU resource keys (e.g. 'pipe:[1234]', the dumped stdout)
     to our fds that should take their place (the new container's stdout).
+
+    `before_resume(root_pid)` runs when the tree is complete but has not run
+    one instruction (CRIU's "pre-resume" stage); raising there aborts. A
+    restore that makes no progress for `stall_timeout` seconds raises
+    RestoreStalled, and one for which `should_stop()` turns true
+    RestoreInterrupted. Whatever the failure, nothing of the tree is left
+    running: its processes are killed, and any mount or iptables rule CRIU
+    left behind is removed (see `_Leftovers`).
     """
     log_path = os.path.join(log_dir, log_name)
-    pycriu = _pycriu()
+    rpc = _rpc()
     dups: list[int] = []
+    leftovers = _Leftovers(tcp)
+    watchdog = _RestoreWatchdog(log_path, stall_timeout, should_stop)
+    roots: list[int] = []
+
+    def notified(script: str, pid: int | None) -> None:
+        if pid:
+            roots[:] = [pid]
+        if script == "pre-resume" and before_resume is not None:
+            before_resume(roots[0] if roots else None)
+
     try:
         with _directory_fd(images_dir) as images_fd, _directory_fd(log_dir) as work_fd:
-            client = _new_client(images_fd, work_fd, log_name, log_level)
-            client.opts.rst_sibling = True  # the restored root becomes our child
-            client.opts.lazy_pages = lazy  # pages come from a LazyPagesDaemon sharing log_dir
+            opts = _options(images_fd, work_fd, log_name, log_level)
+            opts.rst_sibling = True  # the restored root becomes our child
+            opts.notify_scripts = True  # so that we hold the tree at pre-resume
+            opts.lazy_pages = lazy  # pages come from a LazyPagesDaemon sharing log_dir
             if mount_namespace:
-                _carry_mount_namespace(client.opts)
-                client.opts.root = "/"  # CRIU 4.2.1 crashes in mount.c without it
-            _set_tcp(client.opts, tcp)
+                _carry_mount_namespace(opts)
+                opts.root = "/"  # CRIU 4.2.1 crashes in mount.c without it
+            _set_tcp(opts, tcp)
             for key, fd in inherit.items():
-                high = os.dup(fd)  # swrk closes 0-2 before exec
+                high = os.dup(fd)  # swrk runs with 0-2 closed
                 while high <= 2:
                     high = os.dup(fd)
                 os.set_inheritable(high, True)
                 dups.append(high)
-                client.opts.inherit_fd.add(key=key, fd=high)
+                opts.inherit_fd.add(key=key, fd=high)
             try:
-                response = client.restore()
-            except pycriu.CRIUException as error:
+                response = _exchange(rpc.criu_req(type=rpc.RESTORE, opts=opts), watch=watchdog.check,
+                                     on_notify=notified)
+            except (_SwrkDied, OSError) as error:
+                leftovers.remove()
+                raise RestoreFailed(f"restore failed: CRIU died ({error or 'no answer'}): {explain(log_path)} "
+                                    f"(full CRIU log: {log_path})", log_path=log_path) from error
+            except BaseException:
+                leftovers.remove()
+                raise
+            if not response.success:
+                leftovers.remove()
                 raise RestoreFailed(
-                    f"restore failed: {explain(log_path, error)} (full CRIU log: {log_path})",
-                    errno=getattr(error, "errno", None),
+                    f"restore failed: {explain(log_path, RuntimeError(_criu_said(response)))} "
+                    f"(full CRIU log: {log_path})",
+                    errno=response.cr_errno or None,
                     log_path=log_path,
-                ) from error
+                    fault=restore_fault(log_path),
+                )
     finally:
         for fd in dups:
             os.close(fd)
         _private(log_dir)
-    return int(response.pid)
+    return int(response.restore.pid)
+
+
+def _processes() -> dict[int, int]:
+    """PID -> parent PID of every process we can see."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return parents
+
+
+def _descendants(roots: set[int], parents: Mapping[int, int]) -> set[int]:
+    found = set(roots) & set(parents)
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def _read_io_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/io") as handle:
+            return sum(int(line.split()[1]) for line in handle if line.startswith(("rchar:", "wchar:")))
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _RestoreWatchdog:
+    """Kills a restore that makes no progress, or that we were asked to stop.
+
+    Progress is anything CRIU does that we can see: its log growing, or bytes
+    read and written by swrk and by the tasks it forks (they read their own
+    page images). A restore stuck on a futex (CRIU's restorer hits a BUG when a
+    capability is missing and waits on a zombie forever) shows none.
+    """
+
+    def __init__(self, log_path: str, stall_timeout: float | None, should_stop: Callable[[], bool] | None) -> None:
+        self.log_path = log_path
+        self.stall_timeout = stall_timeout
+        self.should_stop = should_stop
+        self.children_before = {pid for pid, parent in _processes().items() if parent == os.getpid()}
+        self.last_sample: tuple[int, int] | None = None
+        self.last_progress = time.monotonic()
+
+    def _sample(self) -> tuple[int, int]:
+        try:
+            log_size = os.stat(self.log_path).st_size
+        except OSError:
+            log_size = 0
+        parents = _processes()
+        new_children = {pid for pid, parent in parents.items() if parent == os.getpid()} - self.children_before
+        return log_size, sum(_read_io_bytes(pid) for pid in _descendants(new_children, parents))
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise RestoreInterrupted("restore interrupted: the container was asked to stop", log_path=self.log_path)
+        if self.stall_timeout is None:
+            return
+        sample, now = self._sample(), time.monotonic()
+        if sample != self.last_sample:
+            self.last_sample, self.last_progress = sample, now
+        elif now - self.last_progress >= self.stall_timeout:
+            raise RestoreStalled(
+                f"restore made no progress for {self.stall_timeout:.0f} s (CKPT_RESTORE_STALL) and was killed: "
+                f"{explain(self.log_path, RuntimeError('CRIU stopped logging'))} (full CRIU log: {self.log_path})",
+                log_path=self.log_path,
+            )
+
+
+class _Leftovers:
+    """What a failed restore may leave in this container, noted before it and removed after it.
+
+    - Processes: the restored tree's root is our child (rst_sibling); a restore
+      we abort, or one CRIU abandons, may leave it and its namespace behind.
+    - Mounts: CRIU's mounts for the app's own mount namespace (CKPT_OWN_PROC)
+      live in namespaces that die with their processes, but its root yard
+      directories (/tmp/.criu.mntns.*) stay.
+    - Netfilter rules: with CKPT_TCP=established CRIU locks each connection
+      with an iptables DROP rule marked `! --mark 0xc114` and removes it after
+      the restore; a failed restore can leave them (criu#2828), which would
+      drop the app's traffic after a fresh start here.
+    """
+
+    _YARDS = "/tmp/.criu.mntns.*"
+    _CRIU_MARK = "0xc114"  # SOCCR_MARK in criu/soccr/soccr.h
+
+    def __init__(self, tcp: str) -> None:
+        self.tcp = tcp
+        self.children_before = {pid for pid, parent in _processes().items() if parent == os.getpid()}
+        self.mounts_before = _mount_points()
+        self.yards_before = set(glob.glob(self._YARDS))
+
+    def remove(self) -> None:
+        self._kill_processes()
+        self._unmount()
+        for yard in set(glob.glob(self._YARDS)) - self.yards_before:
+            with contextlib.suppress(OSError):
+                os.rmdir(yard)
+        if self.tcp == "established":
+            _remove_connection_locks(self._CRIU_MARK)
+
+    def _kill_processes(self) -> None:
+        parents = _processes()
+        new_children = {pid for pid, parent in parents.items() if parent == os.getpid()} - self.children_before
+        for pid in _descendants(new_children, parents):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        for pid in new_children:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+
+    def _unmount(self) -> None:
+        new = [point for point in _mount_points() if point not in self.mounts_before]
+        if not new:
+            return
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        for point in reversed(new):
+            libc.umount2(point.encode(), 2)  # MNT_DETACH
+
+
+def _mount_points() -> list[str]:
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            return [line.split()[4] for line in handle if len(line.split()) > 4]
+    except OSError:
+        return []
+
+
+def _remove_connection_locks(mark: str) -> None:
+    """Delete CRIU's per-connection iptables DROP rules (see _Leftovers)."""
+    for save, command in (("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")):
+        if shutil.which(save) is None:
+            continue
+        try:
+            rules = subprocess.run([save, "-t", "filter"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for rule in rules.splitlines():
+            if rule.startswith("-A ") and f"! --mark {mark}" in rule and rule.endswith("-j DROP"):
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    subprocess.run([command, "-w", "-t", "filter", "-D", *rule[3:].split()],
+                                   capture_output=True, timeout=10)
 
 
 def opened_files(images_dir: str) -> list[tuple[str, bool]]:
@@ -288,6 +608,22 @@ def opened_files(images_dir: str) -> list[tuple[str, bool]]:
         if entry.get("type") == "REG" and regular and stat.S_ISREG(regular.get("mode", 0)):
             found.append((regular["name"], bool(regular.get("flags", 0) & (os.O_WRONLY | os.O_RDWR))))
     return found
+
+
+def core_entries(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The decoded first entry of each core-*.img (a thread's registers, credentials, seccomp mode).
+
+    An image this pycriu cannot decode is left out: CRIU itself judges it then.
+    """
+    images = _pycriu().images
+    entries = []
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                entries.append(images.load(handle)["entries"][0])
+        except Exception:  # noqa: BLE001, S112 - OSError or any of pycriu's decoding errors
+            continue
+    return entries
 
 
 def _carry_mount_namespace(opts: Any) -> None:
@@ -471,6 +807,34 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
     (r"Can't fork for \d+: File exists|set_tid.*File exists|PID.*already",
      "a PID the app needs is already taken; restore into a fresh container"),
 )
+
+# A restore that fails on a checkpoint whose every file matched its manifest is
+# this container's fault unless CRIU says the images themselves are unusable:
+# then no container could restore them, and the generation is rejected. Only
+# these patterns condemn a checkpoint; anything unknown keeps it (a good
+# checkpoint is never lost to a replacement's mistake).
+_CHECKPOINT_FAULTS = (
+    r"[Uu]nexpected EOF",
+    r"[Cc]orrupted image|[Bb]ad magic|[Mm]agic mismatch",
+    r"Failed unpacking|[Ff]ailed to unpack|Can't unpack",
+    r"pb_read.*failed|Failed to read .*\.img",
+    r"[Ii]mage .*(is|was) (truncated|corrupted)",
+    r"No parent image|Can't open parent",
+)
+
+
+def restore_fault(log_path: str) -> str:
+    """CHECKPOINT_AT_FAULT if CRIU's log says the images are unusable, else CONTAINER_AT_FAULT."""
+    try:
+        with open(log_path, errors="replace") as log:
+            lines = [line for line in log.read().splitlines() if "Error" in line]
+    except OSError:
+        lines = []
+    for line in lines:
+        if any(re.search(pattern, line) for pattern in _CHECKPOINT_FAULTS):
+            return CHECKPOINT_AT_FAULT
+    return CONTAINER_AT_FAULT
+
 
 # Tried only when no line has a specific cause.
 _GENERIC_FAILURES: tuple[tuple[str, str], ...] = (

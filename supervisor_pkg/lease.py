@@ -49,6 +49,7 @@ class Lease:
         self.beat = 0
         self.held = False
         self.taken_over = False  # check() found another holder: the heartbeat must report it (fencing)
+        self.taken_from: dict[str, Any] | None = None  # the dead holder's last record, when we took an expired lease
         self._lock = threading.Lock()
 
     # --- reading --------------------------------------------------------------
@@ -182,6 +183,7 @@ class Lease:
             os.unlink(moved)
         if not self.try_create():
             return False
+        self.taken_from = stale
         # A holder frozen in the middle of renew() may still land one late write
         # over ours. Wait one of its beats and make sure the lease stayed ours.
         time.sleep(min(float(stale.get("interval") or self.interval), self.timeout / 2))

@@ -6,8 +6,10 @@
         manifest.json                    0600  written last; lists size+sha256 of every file
         *.img, stats-dump ...            0600  CRIU's images
         parent -> ../gen-00000006              only in an incremental generation (see below)
-        claim.json                       0600  O_EXCL: this generation has been taken for restore
-        rejected.json                    0600  why it must not be restored (corrupt, CRIU failed)
+        claim.json                       0600  the last restore of it: who, and whether its app ran
+        rejected.json                    0600  why it must never be restored (its own fault only)
+        app-changed.json                 0600  a replacement ran another app: not restored into it
+        incompatible.json                0600  the last container that could not restore it, and why
       .staging-<host>-<pid>-<random>/    0700  a generation being written; never restored
       logs/                              0700  CRIU dump/restore logs
 
@@ -21,8 +23,21 @@ complete generation.
 
 "Newest" comes from what was published: the `latest` pointer and the
 manifests, never from the mtime or order of a listing (NFS attribute caches can
-make listings up to 60 s stale). Claims use O_CREAT|O_EXCL, which is atomic on
-NFSv3+; locks would be hints at best there.
+make listings up to 60 s stale).
+
+Claims are bookkeeping, not the guard against two copies: that is the lease
+(lease.py), which a supervisor holds before it reads any claim. So a claim it
+finds was made by an earlier holder, which is gone (it released the lease or
+let it expire), and says how far that restore got: never resumed (the app never
+ran: restore it again), resumed (the app ran and its instance died without a
+newer checkpoint: a rollback), or ended (the app stopped on its own: its state
+is superseded). Only `rejected.json` condemns a generation, and only for its own
+faults (integrity, unusable images); a container that cannot restore it notes
+why in `incompatible.json`, which nothing reads to decide.
+
+Manifests of format 3 name their lineage, and are refused in any other; the app
+they were made of (command, fingerprints of its files) is checked by the restore
+flow (see fingerprint.py).
 
 An incremental generation (a final dump that wrote only the pages dirtied
 since a leave-running one, where the kernel has soft-dirty tracking) is
@@ -61,15 +76,18 @@ log = logging.getLogger("criu-supervisor")
 MANIFEST = "manifest.json"
 CLAIM = "claim.json"
 REJECTED = "rejected.json"
+APP_CHANGED = "app-changed.json"
+INCOMPATIBLE = "incompatible.json"
 POINTER = "latest"
 PARENT_LINK = "parent"  # CRIU's name for the link to the previous dump's images
+# 3: the manifest names its lineage and its app (command, file fingerprints, version).
 # 2: page images are hashed in PAGE_CHUNK pieces ("chunks"); 1 (whole-file sha256) is still read.
-FORMAT_VERSION = 2
-_READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+_READABLE_FORMATS = (1, 2, 3)
 _GENERATION = re.compile(r"^gen-(\d{8})$")
 _STAGING_PREFIX = ".staging-"
 # Files that live in a generation directory but are not part of the checkpoint.
-_BOOKKEEPING = {MANIFEST, CLAIM, REJECTED}
+_BOOKKEEPING = {MANIFEST, CLAIM, REJECTED, APP_CHANGED, INCOMPATIBLE}
 # Reads for hashing go through one reused buffer of this size per call: fresh
 # multi-MiB bytes objects per read stayed in malloc's arenas after a restore's
 # verification (+16 MiB RSS for the life of the supervisor).
@@ -119,6 +137,51 @@ class Generation:
         if not isinstance(data, dict):
             raise ValueError(f"{filename} is not a JSON object")
         return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """The last restore of a generation: who made it, and how far it got (see the module docstring)."""
+
+    lease: str | None  # the lease token of the instance that restored it
+    host: str | None
+    container_id: str | None
+    time: float
+    resumed: float | None = None  # the restored app started running at this time
+    ended: float | None = None  # ... and stopped on its own at this time, with exit_code
+    exit_code: int | None = None
+    attempt: int = 1
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Claim:
+        """A claim read from the volume; ValueError unless every field has its type."""
+
+        def number(key: str, optional: bool = True) -> float | None:
+            value = data.get(key)
+            if value is None and optional:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"claim field {key!r} is not a number")
+            return float(value)
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"claim field {key!r} is not a string")
+            return value
+
+        attempt, exit_code = data.get("attempt", 1), data.get("exit_code")
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError("claim field 'attempt' is not a positive integer")
+        if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+            raise ValueError("claim field 'exit_code' is not an integer")
+        claimed = number("time", optional=False)
+        assert claimed is not None
+        return cls(lease=text("lease"), host=text("host"), container_id=text("container_id"), time=claimed,
+                   resumed=number("resumed"), ended=number("ended"), exit_code=exit_code, attempt=attempt)
+
+    def describe(self) -> str:
+        return f"container {str(self.container_id or '?')[:12]} on host {self.host or '?'}"
 
 
 def identity() -> dict[str, str | None]:
@@ -519,6 +582,7 @@ class Store:
                 "format_version": FORMAT_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "created_unix": time.time(),
+                "lineage": self.name,
                 "source": identity(),
                 "kernel": os.uname().release,
                 "machine": os.uname().machine,
@@ -635,7 +699,7 @@ class Store:
             return None
         name = record.get("generation") if isinstance(record, dict) else None
         match = _GENERATION.match(name) if isinstance(name, str) else None
-        if match is None or int(match.group(1)) >= generation.number:
+        if match is None or not isinstance(name, str) or int(match.group(1)) >= generation.number:
             raise VerificationFailed(f"{generation.name}: manifest names a malformed parent {record!r}")
         if not _is_parent_link(link, name):
             raise VerificationFailed(f"{generation.name}: its link to the parent {name} is missing or wrong")
@@ -677,7 +741,8 @@ class Store:
         total = 0
         for member in members:
             total += sum(int(entry["size"]) for name, entry in member.get("files", {}).items() if is_page_image(name))
-            total += sum(int(entry["raw_size"]) for entry in (member.get("compression") or {}).get("pages", {}).values())
+            compressed = (member.get("compression") or {}).get("pages", {})
+            total += sum(int(entry["raw_size"]) for entry in compressed.values())
         return total
 
     def _verify_one(
@@ -697,6 +762,9 @@ class Store:
                                      "(written by a newer criu-supervisor?)", here_only=True)
         if manifest.get("generation") != generation.number:
             raise VerificationFailed(f"{generation.name}: manifest names generation {manifest.get('generation')!r}")
+        if manifest["format_version"] >= 3 and manifest.get("lineage") != self.name:
+            raise VerificationFailed(f"{generation.name}: it was made for the lineage {manifest.get('lineage')!r}, "
+                                     f"not {self.name!r} (copied from another app's checkpoints?)")
         if manifest.get("machine") != os.uname().machine:
             raise VerificationFailed(
                 f"{generation.name}: made on {manifest.get('machine')}, this machine is {os.uname().machine}",
@@ -782,26 +850,56 @@ class Store:
         if not matches:
             raise VerificationFailed(f"{generation.name}: {name} does not match its sha256 (corrupted or tampered)")
 
-    def claim(self, generation: Generation, purpose: str = "restore") -> bool:
-        """Atomically mark `generation` as taken. False if somebody else already did."""
-        record = {**identity(), "pid": os.getpid(), "time": time.time(), "purpose": purpose}
+    def read_claim(self, generation: Generation) -> Claim | None:
+        """The generation's last claim, None if it was never claimed. ValueError if the file is malformed."""
         try:
-            fd = os.open(os.path.join(generation.path, CLAIM), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
+            data = generation.read_json(CLAIM)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise ValueError(f"{CLAIM} unreadable: {error.strerror}") from error
+        return Claim.parse(data)
+
+    def claim(self, generation: Generation, lease_token: str) -> Claim:
+        """Record that the lease holder `lease_token` restores `generation` now.
+
+        An earlier claim is void (its holder no longer holds the lease): it is
+        replaced, and counted in `attempt`. Raises StoreError if the volume
+        refuses the write.
+        """
+        try:
+            earlier = self.read_claim(generation)
+        except ValueError:
+            earlier = None
+        source = identity()
+        claim = Claim(lease=lease_token, host=source["host"], container_id=source["container_id"], time=time.time(),
+                      attempt=(earlier.attempt + 1) if earlier else 1)
+        self._write_claim(generation, claim)
+        return claim
+
+    def mark_resumed(self, generation: Generation, claim: Claim) -> Claim:
+        """The restored app is about to run: a later instance that finds this claim knows it ran."""
+        resumed = dataclasses.replace(claim, resumed=time.time())
+        self._write_claim(generation, resumed)
+        return resumed
+
+    def mark_ended(self, generation: Generation, claim: Claim, exit_code: int) -> None:
+        """The app restored from `generation` stopped on its own: its state is superseded, never restored again."""
+        with contextlib.suppress(StoreError):
+            self._write_claim(generation, dataclasses.replace(claim, ended=time.time(), exit_code=exit_code))
+
+    def _write_claim(self, generation: Generation, claim: Claim) -> None:
+        try:
+            _write_json_atomically(os.path.join(generation.path, CLAIM), dataclasses.asdict(claim))
         except OSError as error:
             raise StoreError(f"cannot claim {generation.name}: {_describe_os_error(error, generation.path)}") from error
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return True
 
-    def mark_restored(self, generation: Generation) -> None:
-        """The claim's restore finished: the generation may be pruned from now on."""
-        with contextlib.suppress(OSError, ValueError):
-            claim = generation.read_json(CLAIM)
-            _write_json_atomically(os.path.join(generation.path, CLAIM), {**claim, "restored": time.time()})
+    def note(self, generation: Generation, filename: str, reason: str) -> None:
+        """Record why a generation was not restored here, without condemning it (APP_CHANGED, INCOMPATIBLE)."""
+        assert filename in (APP_CHANGED, INCOMPATIBLE)
+        with contextlib.suppress(OSError):
+            _write_json_atomically(os.path.join(generation.path, filename),
+                                   {"reason": reason, "time": time.time(), **identity()})
 
     def reject(self, generation: Generation, reason: str, culprit: str | None = None) -> None:
         """Record on the volume why this generation must never be restored.
@@ -846,16 +944,15 @@ class Store:
         match = _GENERATION.match(name) if isinstance(name, str) else None
         return {int(match.group(1))} if match else set()
 
-    @staticmethod
-    def _restore_in_progress(generation: Generation, window: float = 600.0) -> bool:
-        """Claimed, neither finished nor rejected, and recent: CRIU may still be reading it."""
+    def _restore_in_progress(self, generation: Generation, window: float = 600.0) -> bool:
+        """Claimed, not yet resumed nor rejected, and recent: CRIU may still be reading it."""
         if generation.rejected:
             return False
         try:
-            claim = generation.read_json(CLAIM)
-        except (OSError, ValueError):
+            claim = self.read_claim(generation)
+        except ValueError:
             return False
-        return not claim.get("restored") and time.time() - float(claim.get("time", 0)) < window
+        return claim is not None and claim.resumed is None and time.time() - claim.time < window
 
     def clean_stale_staging(self, older_than: float = 3600.0) -> list[str]:
         """Remove staging dirs of crashed writers; skip NFS silly-rename files (.nfsXXXX)."""

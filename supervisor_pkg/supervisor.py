@@ -18,32 +18,35 @@ during a dump cannot start a second dump.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
 import os
 import shutil
 import signal
-import tarfile
 import tempfile
 import threading
 import time
 from typing import Any
 
-from supervisor_pkg import carried, compression, criu, launcher, metrics
+from supervisor_pkg import carried, compression, criu, fingerprint, launcher, metrics
 from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
+    CannotRestoreHere,
     DumpFailed,
-    RestoreFailed,
+    LazyRestoreCorrupt,
     RestoreRequired,
+    StoppedDuringRestore,
     StoreError,
     SupervisorError,
     VerificationFailed,
 )
 from supervisor_pkg.lease import Heartbeat, Lease
+from supervisor_pkg.restore import Restored, RestoreFlow
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import ALL_CORES, Generation, PageHasher, Store, identity, read_signing_key
+from supervisor_pkg.store import Claim, Generation, PageHasher, Store, identity, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
@@ -55,12 +58,6 @@ FORWARDED_SIGNALS = frozenset(
 _STDIO_FDS = (0, 1, 2)
 LEASE_LOST = "lease-lost"
 LAZY_VERIFIED = "lazy-pages-verified"
-# Restore lazily (CKPT_LAZY=auto) above this many bytes of page images. Measured
-# here (docs/benchmarks.md): a full restore's first answer grows ~0.6 s per GiB
-# plus ~0.45 s per GiB of hashing before it; a lazy one stays ~0.1-0.2 s. Below
-# 256 MiB the full restore is within ~0.2 s of lazy and verifies every byte first.
-LAZY_THRESHOLD_BYTES = 256 << 20
-LAZY_WORK_ROOT = "/run/criu-supervisor"
 # A notice shorter than this (GCP, Azure: ~30 s) goes straight to the final checkpoint;
 # a longer one (AWS: 2 min) gets a leave-running safety net first.
 LONG_NOTICE_SECONDS = 45.0
@@ -85,6 +82,7 @@ class LazyProblem:
 
     reason: str
     culprit: str | None = None  # an incremental checkpoint's parent, when the bad pages are there
+    pages_bad: bool = True  # False: the pages could not be checked (not evidence against the checkpoint)
 
 
 class State(enum.Enum):
@@ -135,6 +133,7 @@ class Supervisor:
         self.app_status: int | None = None
         self.exit_code: int | None = None
         self.restored_from: Generation | None = None
+        self.restored_claim: Claim | None = None  # our claim on restored_from: marked ended if the app stops
         self.carried_paths: list[str] = []
         self.lease: Lease | None = None
         self.heartbeat: Heartbeat | None = None
@@ -153,7 +152,6 @@ class Supervisor:
         self.incremental_base: Generation | None = None
         self._announced_dirty_tracking = False
         self._dirty_tracking_failed = False  # a dump with track_mem or a parent failed: no more tries this run
-        self._preloading: threading.Thread | None = None
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -205,16 +203,17 @@ class Supervisor:
         why_fresh = "CKPT_RESTORE=never"
         if self.config.restore != "never":
             self._transition(State.RESTORING)
-            why_fresh = self._try_restore()
-            if self.app_pid is not None:
+            outcome = self._restore_newest()
+            if isinstance(outcome, Restored):
+                self._adopt(outcome)
                 self._transition(State.RUNNING)
+                self._warm_fingerprints()
                 return
+            why_fresh = outcome
             if self.config.restore == "require":
                 self._transition(State.EXITING)
                 raise RestoreRequired(f"CKPT_RESTORE=require but nothing can be restored: {why_fresh}")
         self._transition(State.COLD_START)
-        if self._preloading is not None:
-            self._preloading.join()  # no import half-done in a thread when we fork
         launcher.check_command(self.command)
         self.app_pid = launcher.spawn(
             self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny",
@@ -222,6 +221,44 @@ class Supervisor:
         )
         log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
         self._transition(State.RUNNING)
+        self._warm_fingerprints()
+
+    def _restore_newest(self) -> Restored | str:
+        """See restore.py: the restored app, or why the app starts fresh."""
+        if self.lease is None:
+            return self.volume_problem
+        flow = RestoreFlow(self.config, self.command, self.store, self.lease, self.receiver, self.metrics)
+        try:
+            return flow.run()
+        except (CannotRestoreHere, StoppedDuringRestore):
+            self._transition(State.EXITING)
+            raise
+
+    def _adopt(self, restored: Restored) -> None:
+        """The restored app is ours now: its pid, where it came from, and (lazily) its pages to watch."""
+        self.app_pid = restored.pid
+        self.restored_from, self.restored_claim = restored.generation, restored.claim
+        self.carried_paths = restored.carried_paths
+        self.last_restore = {
+            "generation": restored.generation.name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(restored.seconds, 3),
+            "bytes": sum(int(entry.get("size", 0)) for entry in restored.manifest["files"].values()),
+        }
+        if restored.daemon is not None:
+            self.lazy = LazyRestore(restored.generation, restored.manifest, restored.daemon, restored.started)
+            threading.Thread(target=self._verify_pages_in_background, name="page-verifier", daemon=True).start()
+
+    def _warm_fingerprints(self) -> None:
+        """Hash the app's files in the background, so that its first checkpoint finds them hashed."""
+        pid = self.app_pid
+
+        def warm() -> None:
+            time.sleep(1.0)  # let a fresh app map its libraries first
+            if pid is not None and self.app_status is None:
+                with contextlib.suppress(Exception):
+                    fingerprint.record(launcher.namespace_members(pid), self.command, [self.config.dir], _STARTED_AT)
+
+        threading.Thread(target=warm, name="fingerprint-warm-up", daemon=True).start()
 
     def start_triggers(self) -> None:
         """Start every configured source of checkpoint requests (each only posts to our queue)."""
@@ -270,161 +307,7 @@ class Supervisor:
             self._leave_running_checkpoint(Notice(source="periodic", final=False))
             self.next_periodic = time.monotonic() + self.config.interval
 
-    # --- start-up ---------------------------------------------------------------
-    def _try_restore(self) -> str:
-        """Restore into self.app_pid if possible; otherwise return why we start fresh."""
-        if self.lease is None:
-            return self.volume_problem
-        generations = self.store.generations()
-        if not generations:
-            return f"no checkpoint in {self.store.lineage}"
-        self._preloading = criu.preload()
-        local_criu = criu.version()
-        reason = "no restorable checkpoint"
-        for generation in generations:
-            if generation.rejected:
-                log.info("skipping %s: rejected earlier", generation.name)
-                continue
-            if generation.claimed:
-                reason = f"{generation.name}, the newest state, was already restored by another container"
-                break
-            try:
-                published = generation.read_json("manifest.json")
-            except (OSError, ValueError):
-                published = {}  # verify() below says what is wrong with it
-            mismatch = self._terminal_mismatch(published)
-            if mismatch:
-                log.error("not restoring %s: %s", generation.name, mismatch)
-                reason = mismatch
-                continue
-            lazy = self._restore_lazily(generation, published)
-            verifying = time.monotonic()
-            try:
-                manifest = self.store.verify(generation, local_criu, defer_pages=lazy)
-                log.debug("verified %s in %.3f s (%s)", generation.name, time.monotonic() - verifying,
-                          "metadata and page sizes; pages are hashed during the lazy restore" if lazy else "every file")
-            except VerificationFailed as error:
-                log.warning("refusing %s: %s", generation.name, error.message)
-                reason = f"{generation.name} was refused"
-                if error.here_only:
-                    log.warning("%s is left as it is, for a supervisor that can restore it", generation.name)
-                    continue
-                self.store.reject(generation, error.message, culprit=error.generation)
-                continue
-            try:
-                claimed = self.store.claim(generation)
-            except StoreError as error:
-                log.warning("%s", error.message)
-                reason = error.message
-                break
-            if not claimed:
-                log.warning("%s was claimed by another container a moment ago; not restoring it twice", generation.name)
-                reason = f"{generation.name} was claimed by another container"
-                break
-            try:
-                self._restore(generation, manifest, lazy)
-                if self.lazy is None:
-                    self.store.mark_restored(generation)  # a lazy one: once every page is in and verified
-                self.metrics.restore(ok=True, seconds=self.last_restore["seconds"])
-            except (RestoreFailed, VerificationFailed) as error:  # (pages checked when lazy-pages cannot run)
-                self.metrics.restore(ok=False)
-                log.error("%s", error.message)
-                self.store.reject(generation, error.message, culprit=getattr(error, "generation", None))
-                self._reap()
-                reason = f"restoring {generation.name} failed"
-                continue
-            return ""
-        return reason
-
-    @staticmethod
-    def _terminal_mismatch(manifest: dict[str, Any]) -> str | None:
-        """A checkpoint made on a terminal can only be restored onto one (CRIU sets tty params)."""
-        app = manifest.get("app")
-        stdio = app.get("stdio") if isinstance(app, dict) else None
-        for fd_text, target in (stdio if isinstance(stdio, dict) else {}).items():
-            if str(target).startswith("tty[") and not os.isatty(int(fd_text)):
-                return ("it was made on a terminal (docker run -t / tty: true) and this container has none "
-                        "on that fd; start the replacement with -t too")
-        return None
-
-    def _restore_lazily(self, generation: Generation, manifest: dict[str, Any]) -> bool:
-        """CKPT_LAZY: on, off, or auto (big enough, and no signing key demanding verification first)."""
-        if self.config.lazy == "off":
-            return False
-        if self.config.lazy == "on":
-            return True
-        if self.store.signing_key is not None:
-            return False
-        try:
-            return self.store.memory_bytes(generation, manifest) >= LAZY_THRESHOLD_BYTES
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return False  # verify() will say what is wrong
-
-    def _restore(self, generation: Generation, manifest: dict[str, Any], lazy: bool = False) -> None:
-        started = time.monotonic()
-        if carried.ARCHIVE in manifest.get("files", {}):
-            try:
-                self.carried_paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}", exclude=[self.config.dir])
-            except (OSError, ValueError, tarfile.TarError) as error:
-                raise RestoreFailed(f"restore failed: cannot put back the carried files: {error}") from error
-            log.info("put back %d carried file(s) from the container's writable layer", len(self.carried_paths))
-        inherit = self._inherit_map(manifest.get("app", {}).get("stdio", {}))
-        log_name = f"restore-{generation.name}-{_stamp()}.log"
-        images_dir = generation.path
-        if "compression" in manifest:
-            images_dir = f"{compression.LOCAL_ROOT}/restore-{generation.name}"
-            try:
-                compression.expand(generation.path, manifest, images_dir)
-            except Exception as error:  # OSError, or the codec's own errors on a bad stream
-                raise RestoreFailed(f"restore failed: cannot expand the compressed images: {error}") from error
-            log.info("expanded %s's compressed page images in %.2f s", generation.name, time.monotonic() - started)
-        daemon = self._start_lazy_pages(generation, manifest, images_dir) if lazy else None
-        log.debug("calling CRIU to restore %s, %.3f s after the restore began%s", generation.name,
-                  time.monotonic() - started, "; its lazy-pages daemon is ready" if daemon else "")
-        try:
-            self.app_pid = criu.restore(
-                images_dir, daemon.work_dir if daemon else self.store.logs, log_name,
-                inherit=inherit, tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                lazy=daemon is not None,
-                mount_namespace=bool(manifest.get("app", {}).get("own_mount_namespace")),
-            )
-        except RestoreFailed:
-            if daemon is not None:
-                daemon.kill()
-            raise
-        finally:
-            if images_dir != generation.path and daemon is None:
-                shutil.rmtree(images_dir, ignore_errors=True)  # restored: CRIU needs the images no more
-        if daemon is not None:
-            self.lazy = LazyRestore(generation, manifest, daemon, started)
-            threading.Thread(target=self._verify_pages_in_background, name="page-verifier", daemon=True).start()
-        self.restored_from = generation
-        self.last_restore = {
-            "generation": generation.name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "seconds": round(time.monotonic() - started, 3),
-            "bytes": sum(entry["size"] for entry in manifest["files"].values()),
-        }
-        log.info(
-            "restored %s (made %s on %s) in %.2f s%s; app root pid %d",
-            generation.name, manifest.get("created"), (manifest.get("source") or {}).get("host"),
-            time.monotonic() - started, ", lazily: pages arrive in the background" if self.lazy else "",
-            self.app_pid,
-        )
-
-    def _start_lazy_pages(
-        self, generation: Generation, manifest: dict[str, Any], images_dir: str
-    ) -> criu.LazyPagesDaemon | None:
-        """Start CRIU's lazy-pages daemon; None (restore fully) if it cannot run here."""
-        daemon = criu.LazyPagesDaemon(images_dir, f"{LAZY_WORK_ROOT}/lazy-{generation.name}", "lazy-pages.log",
-                                      log_level=int(self.config.criu_log_level))
-        try:
-            daemon.start()
-        except RestoreFailed as error:
-            log.warning("lazy restore unavailable (%s); restoring fully", error.message)
-            self.store.verify_pages(generation, manifest, workers=ALL_CORES)  # nothing else runs yet
-            return None
-        return daemon
-
+    # --- a lazy restore: pages still arriving and being verified ---------------------
     def _verify_pages_in_background(self) -> None:
         """Hash the page images the daemon is serving; a mismatch kills the app (see _lazy_failed)."""
         lazy = self.lazy
@@ -435,7 +318,7 @@ class Supervisor:
             self.receiver.post(LazyProblem(error.message, error.generation))
             return
         except Exception as error:  # noqa: BLE001 - unverified pages must never be taken for verified ones
-            self.receiver.post(LazyProblem(f"the page check itself failed: {error!r}"))
+            self.receiver.post(LazyProblem(f"the page check itself failed: {error!r}", pages_bad=False))
             return
         self.receiver.post(LAZY_VERIFIED)
 
@@ -445,16 +328,15 @@ class Supervisor:
         if lazy is None:
             return
         if isinstance(event, LazyProblem):
-            self._lazy_failed(event.reason, event.culprit)
+            self._lazy_failed(event.reason, event.culprit, event.pages_bad)
         if event == LAZY_VERIFIED:
             lazy.verified = True
         if daemon_status is not None:
             if os.waitstatus_to_exitcode(daemon_status) != 0:
                 self._lazy_failed(f"CRIU's lazy-pages daemon failed ({criu.explain(lazy.daemon.log_path)}); "
-                                  f"log: {lazy.daemon.log_path}")
+                                  f"log: {lazy.daemon.log_path}", pages_bad=False)
             lazy.daemon_done = True
         if lazy.daemon_done and lazy.verified:
-            self.store.mark_restored(lazy.generation)
             if lazy.daemon.images_dir != lazy.generation.path:
                 shutil.rmtree(lazy.daemon.images_dir, ignore_errors=True)
             resident = self.store.memory_bytes(lazy.generation, lazy.manifest)
@@ -462,19 +344,30 @@ class Supervisor:
                      resident / 1048576, time.monotonic() - lazy.started)
             self.lazy = None
 
-    def _lazy_failed(self, reason: str, culprit: str | None = None) -> None:
-        """Fail safe: an app missing pages would read zeros, one on corrupt pages runs them. Kill it now."""
+    def _lazy_failed(self, reason: str, culprit: str | None = None, pages_bad: bool = True) -> None:
+        """Kill a lazily restored app whose pages proved bad or could not all arrive, and exit 7.
+
+        It has run on pages that were not verified yet (the window CKPT_LAZY=on
+        accepts): whatever it did since the restore is lost. Bad pages condemn
+        the generation; a daemon that failed does not (its claim says the app
+        ran: the next instance may roll back to it, see CKPT_ROLLBACK).
+        """
         lazy = self.lazy
         assert lazy is not None
-        log.error("lazy restore of %s failed: %s; killing the app before it runs on missing or corrupt memory",
-                  lazy.generation.name, reason)
+        ran = time.monotonic() - lazy.started
         if self.app_pid is not None and self.app_status is None:
             os.kill(self.app_pid, signal.SIGKILL)
         lazy.daemon.kill()
-        self.store.reject(lazy.generation, f"lazy restore failed: {reason}", culprit=culprit)
+        if pages_bad:
+            self.store.reject(lazy.generation, f"lazy restore failed: {reason}", culprit=culprit)
+        self.restored_claim = None  # killed by us, not ended on its own
         self.lazy = None
-        raise RestoreFailed(f"lazy restore of {lazy.generation.name} failed: {reason}; the next start falls back "
-                            "to the previous generation or a cold start")
+        raise LazyRestoreCorrupt(
+            f"killed the lazily restored app of {lazy.generation.name} after it ran {ran:.1f} s on pages not yet "
+            f"verified: {reason}. What it did and acknowledged since the restore is lost (CKPT_LAZY=on accepts this "
+            "window; CKPT_LAZY=off verifies every byte before the app runs). "
+            + ("The generation is rejected; the next start falls back to the previous one or a cold start"
+               if pages_bad else "The generation is kept for the next start"))
 
     def _wait_for_lazy_restore(self) -> None:
         """Before a new checkpoint: every page must be in and verified (CRIU would otherwise fault them in)."""
@@ -499,21 +392,6 @@ class Supervisor:
                     self._lazy_progress(event)
                 else:
                     held.append(event)
-
-    @staticmethod
-    def _inherit_map(stdio: dict[str, str]) -> dict[str, int]:
-        """Dumped stdio pipes -> this container's fds, so `docker logs` keeps showing the app."""
-        inherit: dict[str, int] = {}
-        for fd_text, target in stdio.items():
-            fd = int(fd_text)
-            if not target.startswith(("pipe:[", "socket:[", "tty[")) or target in inherit:
-                continue
-            try:
-                os.fstat(fd)
-            except OSError:
-                continue
-            inherit[target] = fd
-        return inherit
 
     # --- events -------------------------------------------------------------------
     def _handle(self, event: object) -> None:
@@ -664,6 +542,9 @@ class Supervisor:
         assert self.app_status is not None
         code = exit_code_for(self.app_status)
         log.info("app exited with code %d", code)
+        if self.restored_from is not None and self.restored_claim is not None:
+            # Its own end is newer than the checkpoint it was restored from: never restore that state again.
+            self.store.mark_ended(self.restored_from, self.restored_claim, code)
         self._transition(State.EXITING)
         self.exit_code = code
 
@@ -675,6 +556,8 @@ class Supervisor:
         started = time.monotonic()
         try:
             generation = self.checkpoint(final=True, trigger=notice.source)
+        except LazyRestoreCorrupt:
+            raise  # the app was killed: nothing to stop gracefully
         except Exception as error:  # noqa: BLE001 - whatever failed, the app still gets its graceful stop
             self.metrics.checkpoint(notice.source, final=True, ok=False, seconds=time.monotonic() - started)
             self._transition(State.FAILED)
@@ -711,6 +594,8 @@ class Supervisor:
         started = time.monotonic()
         try:
             generation = self.checkpoint(final=False, trigger=notice.source)
+        except LazyRestoreCorrupt:
+            raise
         except Exception as error:  # noqa: BLE001 - whatever failed, the app keeps running
             self.metrics.checkpoint(notice.source, final=False, ok=False, seconds=time.monotonic() - started)
             message = _checkpoint_failure(error)
@@ -763,10 +648,12 @@ class Supervisor:
             raise StoreError(f"checkpoint impossible: {self.volume_problem}")
         self.lease.check()
         stdio = self._stdio_of(self.app_pid)
+        app_files = fingerprint.record(launcher.namespace_members(self.app_pid), self.command, [self.config.dir],
+                                       _STARTED_AT)  # while the app still runs; hashed in the background already
         parent = self._incremental_parent(final)
         track_mem = parent is not None or (not final and self._tracks_dirty_pages())
         try:
-            generation, result = self._dump_and_publish(final, stdio, parent, track_mem)
+            generation, result = self._dump_and_publish(final, stdio, app_files, parent, track_mem)
         except DumpFailed as error:
             if not track_mem:
                 raise
@@ -776,7 +663,7 @@ class Supervisor:
             log.warning("%s; dumping again in full, and without memory tracking for the rest of this run",
                         error.message)
             parent, track_mem = None, False
-            generation, result = self._dump_and_publish(final, stdio, None, False)
+            generation, result = self._dump_and_publish(final, stdio, app_files, None, False)
         if final:
             os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
         elif track_mem:
@@ -796,7 +683,8 @@ class Supervisor:
         return generation
 
     def _dump_and_publish(
-        self, final: bool, stdio: dict[str, str], parent: Generation | None, track_mem: bool
+        self, final: bool, stdio: dict[str, str], app_files: dict[str, Any], parent: Generation | None,
+        track_mem: bool,
     ) -> tuple[Generation, criu.DumpResult]:
         """One CRIU dump into a staging generation, published; the app is left stopped only after a final one."""
         assert self.app_pid is not None and self.lease is not None
@@ -839,7 +727,9 @@ class Supervisor:
                         "criu_version": criu.version(),
                         "stats": {"dump_seconds": round(result.seconds, 4), "final": final,
                                   "carried_files": carried_count},
-                        "app": {"stdio": stdio, "own_mount_namespace": self.config.own_proc},
+                        "app": {"stdio": stdio, "own_mount_namespace": self.config.own_proc,
+                                "command": self.command, "version": self.config.app_version,
+                                "files": app_files},
                         "restored_from": self.restored_from.name if self.restored_from else None,
                         **extra,
                     },

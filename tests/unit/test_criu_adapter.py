@@ -1,19 +1,31 @@
-"""The CRIU adapter without CRIU: explain() on fake logs, dump/restore over a fake pycriu, version()."""
+"""The CRIU adapter without CRIU: explain() on fake logs, dump/restore over CRIU's RPC with a fake swrk, version()."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
+import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from supervisor_pkg import criu
-from supervisor_pkg.errors import DumpFailed, EnvironmentProblem, RestoreFailed
+from supervisor_pkg.errors import (
+    CHECKPOINT_AT_FAULT,
+    CONTAINER_AT_FAULT,
+    DumpFailed,
+    EnvironmentProblem,
+    RestoreFailed,
+    RestoreInterrupted,
+    RestoreStalled,
+)
 
 
 def write_log(tmp_path: Path, *lines: str) -> str:
@@ -149,78 +161,130 @@ def test_directory_not_empty_is_not_mistaken_for_a_terminal(tmp_path: Path) -> N
     assert "terminal" not in criu.explain(log)
 
 
-# --- dump/restore over a fake pycriu ---------------------------------------------------------------
-class FakeCRIUException(Exception):
-    def __init__(self, number: int) -> None:
-        super().__init__(f"CRIU failed with {-number}")
-        self.errno = number
+# --- dump/restore over CRIU's RPC, with a fake criu swrk ----------------------------------------------
+# The adapter speaks CRIU's RPC itself (a SOCK_SEQPACKET socket pair with a spawned `criu swrk FD`). Here the
+# protobuf classes are replaced by JSON-encoding stand-ins, and `criu` by a script that answers as swrk does:
+# it writes a log into the work dir fd it was given, sends the notifications its script lists and waits for
+# each go-ahead, then answers, or hangs, or dies. What it saw is written to a file for the test to read.
+FAKE_SWRK = r"""
+import json, os, socket, sys, time
+script = json.loads(os.environ["FAKE_SWRK_SCRIPT"])
+sk = socket.socket(fileno=int(sys.argv[2]))
+request = json.loads(sk.recv(1 << 20))
+opts = request["opts"]
+handed = [opts["images_dir_fd"], opts.get("work_dir_fd", -1)] + [i["fd"] for i in opts.get("inherit_fd", [])]
+seen = {"argv": sys.argv[1:], "request": request,
+        "closed_0_2": [not os.path.exists(f"/proc/self/fd/{n}") for n in range(3)],
+        "inheritable": {str(fd): os.path.exists(f"/proc/self/fd/{fd}") for fd in handed}}
+log = os.open(opts["log_file"], os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=opts["work_dir_fd"])
+os.fchmod(log, 0o644)  # what CRIU leaves
+os.write(log, ("\n".join(script.get("log", [])) + "\n").encode())
+def record():
+    with open(os.environ["FAKE_SWRK_SEEN"] + ".tmp", "w") as handle:
+        json.dump(seen, handle)
+    os.replace(os.environ["FAKE_SWRK_SEEN"] + ".tmp", os.environ["FAKE_SWRK_SEEN"])
+seen["acks"] = []
+record()
+for name in script.get("notify", []):
+    sk.send(json.dumps({"type": 6, "notify": {"script": name, "pid": script.get("root_pid", 0)}}).encode())
+    reply = sk.recv(1 << 20)
+    seen["acks"].append(json.loads(reply) if reply else None)
+    record()
+if script.get("hang"):
+    time.sleep(3600)
+if script.get("die"):
+    os._exit(9)
+answer = {"type": request["type"], "success": script.get("success", True), "cr_errno": script.get("errno", 0),
+          "cr_errmsg": script.get("errmsg", ""), "restore": {"pid": script.get("root_pid", 4242)}}
+sk.send(json.dumps(answer).encode())
+"""
 
 
-class FakeInheritFds(list):
+class _Message:
+    """A JSON-serialising stand-in for a protobuf message (only what the adapter uses)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - protobuf's name
+        def plain(value: Any) -> Any:
+            return {k: plain(v) for k, v in vars(value).items()} if isinstance(value, _Message) else value
+        return json.dumps(plain(self)).encode()
+
+
+class _InheritFds(list):
     def add(self, **entry: Any) -> None:
         self.append(entry)
 
 
-class FakeCriu:
-    """Stands in for pycriu.criu: records its options and what it saw when called."""
+class _Response:
+    def ParseFromString(self, data: bytes) -> None:  # noqa: N802
+        fields = json.loads(data)
+        self.type, self.success = fields["type"], fields.get("success", True)
+        self.cr_errno, self.cr_errmsg = fields.get("cr_errno", 0), fields.get("cr_errmsg", "")
+        self.notify = types.SimpleNamespace(**fields.get("notify", {"script": "", "pid": 0}))
+        self.restore = types.SimpleNamespace(**fields.get("restore", {"pid": 0}))
 
-    instances: ClassVar[list[FakeCriu]] = []
-    log_lines: ClassVar[list[str]] = []
-    fail_with: ClassVar[int | None] = None
-    restored_pid: ClassVar[int] = 4242
 
-    def __init__(self) -> None:
-        self.opts = types.SimpleNamespace(inherit_fd=FakeInheritFds(), external=[])
-        self.seen: dict[str, Any] = {}
-        FakeCriu.instances.append(self)
+def _fake_rpc_pb2() -> types.ModuleType:
+    module = types.ModuleType("rpc_pb2")
+    module.DUMP, module.RESTORE, module.NOTIFY = 1, 2, 6  # type: ignore[attr-defined]
+    module.criu_opts = (  # type: ignore[attr-defined]
+        lambda **fields: _Message(inherit_fd=_InheritFds(), external=[], **fields))
+    module.criu_req = _Message  # type: ignore[attr-defined]
+    module.criu_resp = _Response  # type: ignore[attr-defined]
+    return module
 
-    def use_binary(self, binary: str) -> None:
-        self.binary = binary
 
-    def _run(self) -> None:
-        self.seen["dir_fds_inheritable"] = (
-            os.get_inheritable(self.opts.images_dir_fd) and os.get_inheritable(self.opts.work_dir_fd)
-        )
-        self.seen["inherit_fds"] = [
-            (entry["key"], entry["fd"], os.get_inheritable(entry["fd"])) for entry in self.opts.inherit_fd
-        ]
-        fd = os.open(self.opts.log_file, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=self.opts.work_dir_fd)
-        os.fchmod(fd, 0o644)  # what CRIU leaves
-        with os.fdopen(fd, "w") as log:
-            log.write("\n".join(self.log_lines) + "\n")
-        if self.fail_with is not None:
-            raise FakeCRIUException(self.fail_with)
+@dataclasses.dataclass
+class FakeSwrk:
+    tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch
 
-    def dump(self) -> None:
-        self._run()
+    def script(self, **behaviour: Any) -> None:
+        self.monkeypatch.setenv("FAKE_SWRK_SCRIPT", json.dumps(behaviour))
 
-    def restore(self) -> Any:
-        self._run()
-        return types.SimpleNamespace(pid=self.restored_pid)
+    @property
+    def seen(self) -> dict[str, Any]:
+        return json.loads((self.tmp_path / "seen.json").read_text())
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.seen["request"]["opts"]
 
 
 @pytest.fixture
-def fake_pycriu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> type[FakeCriu]:
+def swrk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeSwrk:
     module = types.ModuleType("pycriu")
-    module.criu = FakeCriu  # type: ignore[attr-defined]
-    module.CRIUException = FakeCRIUException  # type: ignore[attr-defined]
+    module.rpc_pb2 = _fake_rpc_pb2()  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pycriu", module)
-    monkeypatch.setattr(FakeCriu, "instances", [])
-    monkeypatch.setattr(FakeCriu, "log_lines", [])
-    monkeypatch.setattr(FakeCriu, "fail_with", None)
+    binary = tmp_path / "criu"
+    binary.write_text(f"#!{sys.executable}\n{FAKE_SWRK}")
+    binary.chmod(0o755)
+    monkeypatch.setattr(criu, "CRIU_BINARY", str(binary))
+    monkeypatch.setenv("FAKE_SWRK_SEEN", str(tmp_path / "seen.json"))
     for name in ("images", "logs"):
         (tmp_path / name).mkdir()
-    return FakeCriu
+    fake = FakeSwrk(tmp_path, monkeypatch)
+    fake.script()
+    return fake
 
 
-def test_a_failed_dump_is_one_readable_line_with_the_fix_errno_and_log_path(
-    fake_pycriu: type[FakeCriu], tmp_path: Path
-) -> None:
-    fake_pycriu.log_lines = [*NOISE, "(00.02) Error (criu/fsnotify.c:1): fsnotify: Can't dump that handle"]
-    fake_pycriu.fail_with = errno.EPERM
+def _dump(tmp_path: Path, **options: Any) -> criu.DumpResult:
+    return criu.dump(42, str(tmp_path / "images"), str(tmp_path / "logs"), "dump.log", **{"tcp": "close", **options})
+
+
+def _restore(tmp_path: Path, **options: Any) -> int:
+    return criu.restore(str(tmp_path / "images"), str(tmp_path / "logs"), "restore.log",
+                        **{"inherit": {}, "tcp": "close", **options})
+
+
+def test_a_failed_dump_is_one_readable_line_with_the_fix_errno_and_log_path(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(log=[*NOISE, "(00.02) Error (criu/fsnotify.c:1): fsnotify: Can't dump that handle"],
+                success=False, errno=errno.EPERM)
     log_path = str(tmp_path / "logs" / "dump.log")
     with pytest.raises(DumpFailed) as caught:
-        criu.dump(42, str(tmp_path / "images"), str(tmp_path / "logs"), "dump.log", tcp="close")
+        _dump(tmp_path)
     failure = caught.value
     assert failure.message == (
         "checkpoint failed: Error (criu/fsnotify.c:1): fsnotify: Can't dump that handle -> the app holds "
@@ -228,67 +292,137 @@ def test_a_failed_dump_is_one_readable_line_with_the_fix_errno_and_log_path(
     )
     assert failure.errno == errno.EPERM
     assert failure.log_path == log_path
-    assert isinstance(failure.__cause__, FakeCRIUException)
 
 
-def test_after_a_dump_criu_logs_are_private(fake_pycriu: type[FakeCriu], tmp_path: Path) -> None:
-    result = criu.dump(42, str(tmp_path / "images"), str(tmp_path / "logs"), "dump.log", tcp="close")
+def test_a_failure_criu_logs_nothing_about_quotes_criu_own_message(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(success=False, errno=errno.EINVAL, errmsg="Bad options")
+    with pytest.raises(DumpFailed, match=r"^checkpoint failed: Bad options \(full CRIU log"):
+        _dump(tmp_path)
+
+
+def test_after_a_dump_criu_logs_are_private(swrk: FakeSwrk, tmp_path: Path) -> None:
+    result = _dump(tmp_path)
     assert os.stat(result.log_path).st_mode & 0o777 == 0o600
 
 
-def test_after_a_failed_restore_criu_logs_are_private(fake_pycriu: type[FakeCriu], tmp_path: Path) -> None:
-    fake_pycriu.fail_with = errno.EEXIST
+def test_after_a_failed_restore_criu_logs_are_private(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(success=False, errno=errno.EEXIST)
     with pytest.raises(RestoreFailed):
-        criu.restore(str(tmp_path / "images"), str(tmp_path / "logs"), "restore.log", inherit={}, tcp="close")
+        _restore(tmp_path)
     assert os.stat(tmp_path / "logs" / "restore.log").st_mode & 0o777 == 0o600
 
 
-def test_after_a_failed_dump_criu_logs_are_private(fake_pycriu: type[FakeCriu], tmp_path: Path) -> None:
-    fake_pycriu.fail_with = errno.EPERM
+def test_after_a_failed_dump_criu_logs_are_private(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(success=False, errno=errno.EPERM)
     with pytest.raises(DumpFailed):
-        criu.dump(42, str(tmp_path / "images"), str(tmp_path / "logs"), "dump.log", tcp="close")
+        _dump(tmp_path)
     assert os.stat(tmp_path / "logs" / "dump.log").st_mode & 0o777 == 0o600
 
 
 def test_dump_passes_the_pid_leave_stopped_and_tcp_choice_and_inheritable_directory_fds(
-    fake_pycriu: type[FakeCriu], tmp_path: Path
+    swrk: FakeSwrk, tmp_path: Path
 ) -> None:
-    result = criu.dump(42, str(tmp_path / "images"), str(tmp_path / "logs"), "dump.log",
-                       tcp="established", log_level=2)
-    [client] = fake_pycriu.instances
-    assert (client.opts.pid, client.opts.log_level) == (42, 2)
+    result = _dump(tmp_path, tcp="established", log_level=2)
+    options = swrk.options
+    assert swrk.seen["argv"][0] == "swrk"
+    assert (options["pid"], options["log_level"]) == (42, 2)
     # The caller kills the tree only once the checkpoint is published, or resumes it on failure.
-    assert client.opts.leave_stopped is True
-    assert not hasattr(client.opts, "leave_running"), "CRIU must neither resume nor kill the tree itself"
-    assert getattr(client.opts, "tcp_established", False) is True
-    assert not getattr(client.opts, "tcp_close", False)
-    assert client.seen["dir_fds_inheritable"], "criu swrk is fork+exec'd: the directory fds must be inheritable"
+    assert options["leave_stopped"] is True
+    assert "leave_running" not in options, "CRIU must neither resume nor kill the tree itself"
+    assert options.get("tcp_established") is True and "tcp_close" not in options
+    assert all(swrk.seen["inheritable"].values()), "criu swrk is spawned: the directory fds must be inheritable"
+    assert swrk.seen["closed_0_2"] == [True, True, True], "swrk runs with fds 0-2 closed, as under pycriu"
     assert result.log_path == str(tmp_path / "logs" / "dump.log")
 
 
 def test_restore_hands_over_stdio_as_inheritable_fds_above_2_and_closes_them_after(
-    fake_pycriu: type[FakeCriu], tmp_path: Path
+    swrk: FakeSwrk, tmp_path: Path
 ) -> None:
-    pid = criu.restore(str(tmp_path / "images"), str(tmp_path / "logs"), "restore.log",
-                       inherit={"pipe:[1234]": 1, "pipe:[5678]": 2}, tcp="close")
-    [client] = fake_pycriu.instances
-    assert pid == fake_pycriu.restored_pid
-    assert client.opts.rst_sibling is True, "the restored tree must become our child"
-    assert client.opts.tcp_close is True
-    handed = client.seen["inherit_fds"]
-    assert [key for key, _, _ in handed] == ["pipe:[1234]", "pipe:[5678]"]
-    for _, fd, inheritable in handed:
-        assert fd > 2, "swrk closes fds 0-2 before exec"
-        assert inheritable
+    swrk.script(root_pid=4242)
+    pid = _restore(tmp_path, inherit={"pipe:[1234]": 1, "pipe:[5678]": 2})
+    options = swrk.options
+    assert pid == 4242
+    assert options["rst_sibling"] is True, "the restored tree must become our child"
+    assert options["notify_scripts"] is True, "so that the tree can be held at pre-resume"
+    assert options["tcp_close"] is True
+    handed = options["inherit_fd"]
+    assert [entry["key"] for entry in handed] == ["pipe:[1234]", "pipe:[5678]"]
+    for entry in handed:
+        assert entry["fd"] > 2, "swrk runs with fds 0-2 closed"
+        assert swrk.seen["inheritable"][str(entry["fd"])]
         with pytest.raises(OSError):
-            os.fstat(fd)  # our duplicates are closed again
+            os.fstat(entry["fd"])  # our duplicates are closed again
 
 
-def test_a_failed_restore_is_restore_failed_with_the_log_path(fake_pycriu: type[FakeCriu], tmp_path: Path) -> None:
-    fake_pycriu.log_lines = ["(00.05) Error (criu/cr-restore.c:1480): Can't fork for 42: File exists"]
-    fake_pycriu.fail_with = errno.EEXIST
-    with pytest.raises(RestoreFailed, match=r"^restore failed: .*already taken.*\(full CRIU log: .*restore.log\)$"):
-        criu.restore(str(tmp_path / "images"), str(tmp_path / "logs"), "restore.log", inherit={}, tcp="close")
+def test_a_failed_restore_is_restore_failed_with_the_log_path_and_this_containers_fault(
+    swrk: FakeSwrk, tmp_path: Path
+) -> None:
+    swrk.script(log=["(00.05) Error (criu/cr-restore.c:1480): Can't fork for 42: File exists"], success=False,
+                errno=errno.EEXIST)
+    expected = r"^restore failed: .*already taken.*\(full CRIU log: .*restore.log\)$"
+    with pytest.raises(RestoreFailed, match=expected) as caught:
+        _restore(tmp_path)
+    assert caught.value.fault == CONTAINER_AT_FAULT
+
+
+def test_a_restore_failing_on_unusable_images_is_the_checkpoints_fault(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(log=["(00.05) Error (criu/protobuf.c:72): Unexpected EOF on (empty-image) mm-27.img"], success=False)
+    with pytest.raises(RestoreFailed) as caught:
+        _restore(tmp_path)
+    assert caught.value.fault == CHECKPOINT_AT_FAULT
+
+
+def test_each_notification_is_answered_and_pre_resume_is_handed_the_root_pid(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(notify=["setup-namespaces", "post-restore", "pre-resume", "post-resume"], root_pid=4242)
+    held: list[int | None] = []
+    assert _restore(tmp_path, before_resume=held.append) == 4242
+    assert held == [4242]
+    assert [ack["notify_success"] for ack in swrk.seen["acks"]] == [True] * 4
+
+
+def test_a_failure_before_resume_aborts_the_restore_and_kills_swrk(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(notify=["pre-resume"], hang=True)
+
+    def refuse(_root: int | None) -> None:
+        raise RestoreFailed("the pages did not match")
+
+    started = time.monotonic()
+    with pytest.raises(RestoreFailed, match="the pages did not match"):
+        _restore(tmp_path, before_resume=refuse)
+    assert time.monotonic() - started < 5, "swrk was killed, not waited for"
+    assert swrk.seen["acks"] == [], "no go-ahead was given: the tree never ran"
+
+
+def test_a_restore_that_makes_no_progress_is_killed_after_the_stall_timeout(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(hang=True, log=["(00.01) Error (criu/pie/restorer.c:1): BUG at criu/pie/restorer.c:1"])
+    started = time.monotonic()
+    with pytest.raises(RestoreStalled, match=r"no progress for 1 s \(CKPT_RESTORE_STALL\)") as caught:
+        _restore(tmp_path, stall_timeout=1.0)
+    assert 1.0 <= time.monotonic() - started < 5
+    assert caught.value.fault == CONTAINER_AT_FAULT
+
+
+def test_a_stop_asked_for_during_a_restore_interrupts_it_at_once(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(hang=True)
+    asked = time.monotonic() + 0.3
+    with pytest.raises(RestoreInterrupted):
+        _restore(tmp_path, stall_timeout=60.0, should_stop=lambda: time.monotonic() > asked)
+    assert time.monotonic() - asked < 2
+
+
+def test_criu_dying_without_an_answer_is_a_failed_restore(swrk: FakeSwrk, tmp_path: Path) -> None:
+    swrk.script(die=True)
+    with pytest.raises(RestoreFailed, match="CRIU died"):
+        _restore(tmp_path)
+
+
+def test_leftover_processes_of_a_failed_restore_are_killed_and_reaped() -> None:
+    leftovers = criu._Leftovers(tcp="close")
+    child = subprocess.Popen(["sleep", "60"])  # born during the "restore": one of its processes
+    leftovers.remove()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)  # killed and reaped already
+    child.returncode = -9  # so that Popen's own bookkeeping does not wait for it again
 
 
 def test_without_pycriu_dump_is_an_environment_problem(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

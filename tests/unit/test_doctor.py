@@ -140,7 +140,7 @@ def test_the_readme_settings_on_a_named_volume_pass_with_warnings_only() -> None
 
 
 def test_without_sys_ptrace_the_capability_fails_and_the_exit_status_is_non_zero() -> None:
-    findings = checks(FakeHost(proc_status=STATUS_NO_PTRACE, features={**ALL_FEATURES, "uffd": False}))
+    findings = checks(FakeHost(proc_status=STATUS_NO_PTRACE, features={**ALL_FEATURES, "uffd": False}), CKPT_LAZY="on")
     assert failed(findings) == ["capability:SYS_PTRACE"]
     fix = findings["capability:SYS_PTRACE"].fix
     assert fix is not None and fix.docker_run == "--cap-add SYS_PTRACE" and "SYS_PTRACE" in fix.kubernetes

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from supervisor_pkg.errors import ConfigError, StoreError, VerificationFailed
 from supervisor_pkg import store as store_module
+from supervisor_pkg.errors import ConfigError, StoreError, VerificationFailed
 from supervisor_pkg.store import Generation, PageHasher, Store, read_signing_key
 
 CRIU_VERSION = "4.2.1"
@@ -86,7 +86,7 @@ def test_the_first_publish_makes_gen_00000001_with_a_manifest_of_sizes_and_hashe
 def test_checkpoint_directories_are_0700_and_files_0600_though_criu_writes_0644(store: Store) -> None:
     store.open()
     generation = publish(store)
-    store.claim(generation)
+    store.claim(generation, "lease-token")
     store.reject(generation, "for the test")
     assert mode(store.lineage) == 0o700
     assert mode(store.logs) == 0o700
@@ -220,7 +220,9 @@ def test_publish_refuses_anything_but_regular_files(store: Store, tmp_path: Path
 # --- verification ---------------------------------------------------------------------------
 def test_an_intact_generation_verifies_and_returns_its_manifest(store: Store) -> None:
     generation = publish(store)
-    store.claim(generation)  # bookkeeping files are not part of the checkpoint
+    store.claim(generation, "lease-token")  # bookkeeping files are not part of the checkpoint
+    store.note(generation, "app-changed.json", "for the test")
+    store.note(generation, "incompatible.json", "for the test")
     assert store.verify(generation, CRIU_VERSION)["generation"] == 1
     assert store.verify(generation)["generation"] == 1
 
@@ -412,14 +414,36 @@ def test_a_key_shorter_than_16_bytes_is_a_config_error_that_does_not_show_the_ke
 
 
 # --- claims and rejection ----------------------------------------------------------------------
-def test_only_the_first_claim_of_a_generation_succeeds(store: Store) -> None:
+def test_a_claim_records_its_lease_and_replaces_a_void_earlier_one(store: Store) -> None:
+    # The lease, not the claim, keeps two copies from running: a claim found by a lease holder was made
+    # by an earlier holder, which is gone, so a new claim replaces it and counts the attempt.
     generation = publish(store)
-    assert store.claim(generation) is True
-    assert store.claim(generation) is False
-    other_container = Store(store.root, store.name)
-    assert other_container.claim(generation) is False
-    assert generation.claimed
-    assert generation.read_json("claim.json")["pid"] == os.getpid()
+    assert store.read_claim(generation) is None
+    first = store.claim(generation, "first-holder")
+    assert (first.lease, first.attempt, first.resumed, first.ended) == ("first-holder", 1, None, None)
+    second = store.claim(generation, "second-holder")
+    assert (second.lease, second.attempt) == ("second-holder", 2)
+    assert store.read_claim(generation) == second
+    assert generation.read_json("claim.json")["lease"] == "second-holder"
+
+
+def test_a_claim_says_whether_its_app_ran_and_whether_it_ended(store: Store) -> None:
+    generation = publish(store)
+    claim = store.claim(generation, "holder")
+    resumed = store.mark_resumed(generation, claim)
+    assert resumed.resumed is not None and store.read_claim(generation) == resumed
+    store.mark_ended(generation, resumed, 3)
+    ended = store.read_claim(generation)
+    assert ended is not None and ended.ended is not None and ended.exit_code == 3
+
+
+@pytest.mark.parametrize("content", ['{"time": "soon"}', '{"time": 1, "attempt": true}', '[1]',
+                                     '{"time": 1, "lease": 5}', '{"time": 1, "exit_code": "0"}', "not json"])
+def test_a_malformed_claim_is_a_named_refusal(store: Store, content: str) -> None:
+    generation = publish(store)
+    Path(generation.path, "claim.json").write_text(content)
+    with pytest.raises(ValueError):
+        store.read_claim(generation)
 
 
 def test_a_volume_error_while_claiming_is_a_store_error(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -427,14 +451,14 @@ def test_a_volume_error_while_claiming_is_a_store_error(store: Store, monkeypatc
     real_open = os.open
 
     def failing_open(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
-        if path.endswith("claim.json"):
+        if "claim.json" in path:
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", failing_open)
     quota = "cannot claim gen-00000001: the checkpoint volume's quota is exhausted"
     with pytest.raises(StoreError, match=quota) as caught:
-        store.claim(generation)
+        store.claim(generation, "holder")
     assert isinstance(caught.value.__cause__, OSError)
     monkeypatch.undo()
     assert not generation.claimed
@@ -489,10 +513,10 @@ def test_prune_spares_a_generation_a_restore_may_still_be_reading(store: Store) 
     for _ in range(3):
         publish(store)
     oldest = store.generations()[-1]
-    assert store.claim(oldest)
+    claim = store.claim(oldest, "holder")
     store.prune(keep=1)
-    assert remaining(store) == [3, 1], "a recent claim without 'restored' means CRIU may be reading it"
-    store.mark_restored(oldest)
+    assert remaining(store) == [3, 1], "a recent claim not yet resumed means CRIU may be reading it"
+    store.mark_resumed(oldest, claim)
     store.prune(keep=1)
     assert remaining(store) == [3]
 
@@ -814,3 +838,29 @@ def test_the_page_hasher_hashes_what_it_did_not_follow_on_every_core_when_finish
         "one piece per chunk, handed to the pool"
     )
     assert entries["pages-1.img"] == store_module.page_entry(*store_module.hash_chunks(str(tmp_path / "pages-1.img")))
+
+
+# --- binding to the lineage --------------------------------------------------------------------------
+def test_a_generation_copied_in_from_another_lineage_is_refused_even_when_signed(tmp_path: Path) -> None:
+    key = b"k" * 32
+    ticker = Store(str(tmp_path / "checkpoints"), "ticker", signing_key=key)
+    kv = Store(str(tmp_path / "checkpoints"), "kv", signing_key=key)
+    made = publish(ticker)
+    kv.open()
+    shutil.copytree(made.path, os.path.join(kv.lineage, made.name))
+    copied = kv.generations()[0]
+    with pytest.raises(VerificationFailed, match="made for the lineage 'ticker', not 'kv'") as caught:
+        kv.verify(copied, CRIU_VERSION)
+    assert not caught.value.here_only, "it can never be this lineage's: its own fault"
+    assert ticker.verify(made, CRIU_VERSION)["lineage"] == "ticker"
+
+
+def test_a_format_2_manifest_from_before_lineages_were_recorded_is_still_restorable(store: Store) -> None:
+    generation = publish(store)
+
+    def as_format_2(manifest: dict[str, Any]) -> None:
+        manifest["format_version"] = 2
+        del manifest["lineage"]
+
+    rewrite_manifest(generation, as_format_2)
+    assert store.verify(generation, CRIU_VERSION)["format_version"] == 2

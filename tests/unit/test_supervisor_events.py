@@ -9,26 +9,34 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from supervisor_pkg import config, criu, launcher
+from supervisor_pkg import compat, config, criu, launcher
 from supervisor_pkg.errors import (
+    CHECKPOINT_AT_FAULT,
+    CannotRestoreHere,
     DumpFailed,
     EnvironmentProblem,
+    LazyRestoreCorrupt,
     LeaseLost,
     RestoreFailed,
+    RestoreInterrupted,
     RestoreRequired,
+    RestoreStalled,
+    StoppedDuringRestore,
     StoreError,
 )
 from supervisor_pkg.lease import Lease
-from supervisor_pkg.store import Store
 from supervisor_pkg.signals import SignalReceiver
+from supervisor_pkg.store import Store
 from supervisor_pkg.supervisor import LEASE_LOST, LazyProblem, LazyRestore, State, Supervisor
 from supervisor_pkg.triggers import Notice
 
@@ -714,10 +722,10 @@ def test_a_lost_lease_outside_running_changes_nothing(tmp_path: Path, recorder: 
 
 
 # --- the start-up decision ------------------------------------------------------------------
-def publish_fake_generation(store: Store, criu_version: str = "4.2.1") -> Any:
+def publish_fake_generation(store: Store, criu_version: str = "4.2.1", app: dict[str, Any] | None = None) -> Any:
     with store.staging() as staging:
         Path(staging.path, "pages-1.img").write_bytes(os.urandom(256))
-        return store.publish(staging, {"criu_version": criu_version})
+        return store.publish(staging, {"criu_version": criu_version, **({"app": app} if app else {})})
 
 
 def publish_fake_child(store: Store, parent: Any) -> Any:
@@ -726,6 +734,45 @@ def publish_fake_child(store: Store, parent: Any) -> Any:
         Path(staging.path, "pages-1.img").write_bytes(b"dirty page")
         Path(staging.path, "parent").symlink_to(f"../{parent.name}")
         return store.publish(staging, {"criu_version": "4.2.1"}, parent=parent)
+
+
+def corrupt(generation: Any) -> None:
+    with open(os.path.join(generation.path, "pages-1.img"), "r+b") as image:
+        first = image.read(1)
+        image.seek(0)
+        image.write(bytes([first[0] ^ 0xFF]))  # flipped: the pages are random, so writing a fixed byte might not
+
+
+@dataclasses.dataclass
+class StartWorld:
+    """Fakes for what a restore needs from CRIU and the OS; records what was restored or spawned."""
+
+    restored: list[str] = dataclasses.field(default_factory=list)
+    spawned: list[list[str]] = dataclasses.field(default_factory=list)
+    status_text: str = "CapPrm:\tffffffffff\nSeccomp:\t0\n"
+    core_entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    failure: Exception | None = None
+
+    def restore(self, images_dir: str, *args: Any, before_resume: Any = None, **kwargs: Any) -> int:
+        """As CRIU: the tree is built, held at pre-resume (the hook may refuse), then runs."""
+        if self.failure is not None:
+            raise self.failure
+        if before_resume is not None:
+            before_resume(FAKE_APP_PID)
+        self.restored.append(images_dir)
+        return FAKE_APP_PID
+
+
+@pytest.fixture
+def start_world(monkeypatch: pytest.MonkeyPatch) -> StartWorld:
+    world = StartWorld()
+    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
+    monkeypatch.setattr(criu, "restore", world.restore)
+    monkeypatch.setattr(criu, "core_entries", lambda paths: world.core_entries)
+    monkeypatch.setattr(compat, "own_status", lambda: world.status_text)
+    monkeypatch.setattr(launcher, "check_command", lambda command: command[0])
+    monkeypatch.setattr(launcher, "spawn", lambda command, **options: world.spawned.append(command) or FAKE_APP_PID)
+    return world
 
 
 def test_restore_require_with_an_empty_volume_raises_restore_required(leased_supervisor: Supervisor) -> None:
@@ -737,138 +784,285 @@ def test_restore_require_with_an_empty_volume_raises_restore_required(leased_sup
 
 
 def test_a_corrupt_newest_generation_is_rejected_and_the_older_one_is_restored(
-    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+    leased_supervisor: Supervisor, start_world: StartWorld
 ) -> None:
     supervisor = leased_supervisor
     older = publish_fake_generation(supervisor.store)
     newest = publish_fake_generation(supervisor.store)
     with open(os.path.join(newest.path, "pages-1.img"), "r+b") as image:
         image.truncate(10)
-    restored_from: list[str] = []
 
-    def fake_restore(images_dir: str, *args: Any, **kwargs: Any) -> int:
-        restored_from.append(images_dir)
-        return FAKE_APP_PID
-
-    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
-    monkeypatch.setattr(criu, "restore", fake_restore)
     supervisor.start()
 
-    assert restored_from == [older.path]
+    assert start_world.restored == [older.path]
     assert supervisor.state is State.RUNNING
     assert newest.rejected and "truncated" in json.loads(Path(newest.path, "rejected.json").read_text())["reason"]
-    assert older.claimed
+    claim = supervisor.store.read_claim(older)
+    assert claim is not None and claim.lease == supervisor.lease.token and claim.resumed is not None
 
 
-def test_a_generation_made_by_a_newer_criu_is_skipped_but_not_rejected_for_a_newer_image(
-    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+def test_pages_that_fail_their_check_reject_the_generation_before_the_app_runs(
+    leased_supervisor: Supervisor, start_world: StartWorld
+) -> None:
+    # Pages are hashed while CRIU restores; the tree waits at pre-resume for the verdict.
+    supervisor = leased_supervisor
+    older = publish_fake_generation(supervisor.store)
+    newest = publish_fake_generation(supervisor.store)
+    corrupt(newest)
+
+    supervisor.start()
+
+    assert newest.rejected
+    claim = supervisor.store.read_claim(newest)
+    assert claim is not None and claim.resumed is None, "the app never ran on the bad pages"
+    assert start_world.restored == [older.path]
+
+
+def test_a_generation_this_container_cannot_read_is_kept_and_the_supervisor_exits_6(
+    leased_supervisor: Supervisor, start_world: StartWorld
 ) -> None:
     supervisor = leased_supervisor
     older = publish_fake_generation(supervisor.store)
     newest = publish_fake_generation(supervisor.store, criu_version="4.3")
-    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
-    monkeypatch.setattr(criu, "restore", lambda images_dir, *args, **kwargs: FAKE_APP_PID)
+
+    with pytest.raises(CannotRestoreHere, match="this container cannot restore gen-00000002: .*CRIU 4.3"):
+        supervisor.start()
+
+    assert supervisor.state is State.EXITING
+    assert not newest.rejected, "an image with CRIU 4.3 can still restore it"
+    assert supervisor.store.read_claim(newest) is None, "a check before CRIU never touches the claim"
+    assert not older.claimed, "never a silent rollback to an older state"
+    assert "CRIU 4.3" in json.loads(Path(newest.path, "incompatible.json").read_text())["reason"]
+    assert start_world.spawned == [] and start_world.restored == []
+
+
+def test_with_ckpt_cannot_restore_fresh_the_app_starts_fresh_and_the_generation_is_kept(
+    leased_supervisor: Supervisor, start_world: StartWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = leased_supervisor
+    supervisor.config = dataclasses.replace(supervisor.config, cannot_restore="fresh")
+    newest = publish_fake_generation(supervisor.store, criu_version="4.3")
 
     supervisor.start()
 
-    assert older.claimed
-    assert not newest.rejected, "an image with CRIU 4.3 can still restore it"
+    assert start_world.spawned == [["app"]]
+    assert not newest.rejected
+    assert "gen-00000001 is left on the volume, not condemned" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status_text", "core", "cause"),
+    [
+        ("CapPrm:\t00000000a80425fb\nSeccomp:\t0\n",
+         [{"thread_core": {"creds": {"cap_prm": [0xA80425FB | 1 << 25, 0], "cap_eff": [0, 0]}}}],
+         "the app held CAP_SYS_TIME, which this container lacks"),
+        ("CapPrm:\t000001ffffffffff\nSeccomp:\t2\n", [], "the supervisor runs under a seccomp filter"),
+    ],
+    ids=["capability", "seccomp"],
+)
+def test_a_container_check_failing_before_criu_keeps_the_generation_and_its_claim(
+    leased_supervisor: Supervisor, start_world: StartWorld, status_text: str, core: list[dict[str, Any]], cause: str
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    start_world.status_text, start_world.core_entries = status_text, core
+
+    with pytest.raises(CannotRestoreHere, match=cause):
+        supervisor.start()
+
+    assert not generation.rejected and not generation.claimed
+    assert start_world.restored == []
+
+
+def test_a_terminal_checkpoint_on_a_replacement_without_one_is_this_containers_fault(
+    leased_supervisor: Supervisor, start_world: StartWorld
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store, app={"stdio": {"1": "tty[8800:1d]"}})
+    with pytest.raises(CannotRestoreHere, match="made on a terminal"):
+        supervisor.start()
+    assert not generation.rejected
+
+
+@pytest.mark.parametrize(
+    ("failure", "rejected"),
+    [
+        (RestoreFailed("restore failed: Unable to set a monotonic clock offset -> add --cap-add SYS_TIME"), False),
+        (RestoreFailed("restore failed: Unexpected EOF on mm-1.img", fault=CHECKPOINT_AT_FAULT), True),
+        (RestoreStalled("restore made no progress for 30 s"), False),
+    ],
+    ids=["container-at-fault", "images-at-fault", "stalled"],
+)
+def test_a_criu_failure_condemns_the_generation_only_when_its_images_are_at_fault(
+    leased_supervisor: Supervisor, start_world: StartWorld, failure: RestoreFailed, rejected: bool
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    start_world.failure = failure
+    if rejected:
+        supervisor.start()
+        assert start_world.spawned == [["app"]], "nothing older: a fresh start"
+    else:
+        with pytest.raises(CannotRestoreHere):
+            supervisor.start()
+        assert start_world.spawned == []
+    assert generation.rejected is rejected
+
+
+def test_a_stop_during_the_restore_aborts_it_and_keeps_the_generation(
+    leased_supervisor: Supervisor, start_world: StartWorld
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    start_world.failure = RestoreInterrupted("restore interrupted: the container was asked to stop")
+    with pytest.raises(StoppedDuringRestore, match="the checkpoint is kept"):
+        supervisor.start()
+    assert not generation.rejected and supervisor.state is State.EXITING
 
 
 def test_a_corrupt_parent_is_rejected_with_its_incremental_child(
-    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+    leased_supervisor: Supervisor, start_world: StartWorld
 ) -> None:
     supervisor = leased_supervisor
     parent = publish_fake_generation(supervisor.store)
     child = publish_fake_child(supervisor.store, parent)
-    with open(os.path.join(parent.path, "pages-1.img"), "r+b") as image:
-        first = image.read(1)
-        image.seek(0)
-        image.write(bytes([first[0] ^ 0xFF]))  # flipped: the pages are random, so writing a fixed byte might not change it
-    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
-    monkeypatch.setattr(criu, "restore", lambda images_dir, *args, **kwargs: FAKE_APP_PID)
-    monkeypatch.setattr(launcher, "spawn", lambda command, **options: FAKE_APP_PID)
-    monkeypatch.setattr(launcher, "check_command", lambda command: None)
+    corrupt(parent)
 
     supervisor.start()
 
     assert child.rejected and parent.rejected
     assert "as the parent of gen-00000002" in json.loads(Path(parent.path, "rejected.json").read_text())["reason"]
-    assert not parent.claimed and not child.claimed, "started fresh: nothing restorable"
+    assert start_world.spawned == [["app"]], "started fresh: nothing restorable"
 
 
-def test_pages_that_fail_the_check_when_lazy_pages_cannot_run_reject_the_generation_instead_of_crashing(
-    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+def test_when_lazy_pages_cannot_run_every_page_is_checked_before_the_app_runs(
+    leased_supervisor: Supervisor, start_world: StartWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     supervisor = leased_supervisor
     supervisor.config = dataclasses.replace(supervisor.config, lazy="on")
     generation = publish_fake_generation(supervisor.store)
-    with open(os.path.join(generation.path, "pages-1.img"), "r+b") as image:
-        first = image.read(1)
-        image.seek(0)
-        image.write(bytes([first[0] ^ 0xFF]))
+    corrupt(generation)
 
     def no_daemon(self: Any, timeout: float = 5.0) -> int:
         raise RestoreFailed("CRIU's lazy-pages daemon did not start: no userfaultfd")
 
-    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
     monkeypatch.setattr(criu.LazyPagesDaemon, "start", no_daemon)
-    monkeypatch.setattr(launcher, "spawn", lambda command, **options: FAKE_APP_PID)
-    monkeypatch.setattr(launcher, "check_command", lambda command: None)
 
-    supervisor.start()  # falls back to checking every page before a full restore: they fail
+    supervisor.start()  # falls back to a full restore, whose pages are checked before the app runs: they fail
 
-    assert generation.rejected, "claimed and refused: the next start must not stop at it as 'already restored'"
-    assert supervisor.state is State.RUNNING and supervisor.app_pid == FAKE_APP_PID  # started fresh
+    assert generation.rejected
+    assert supervisor.state is State.RUNNING and start_world.spawned == [["app"]]
 
 
-def test_a_generation_claimed_by_another_container_is_not_restored_twice(
-    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+def test_a_claim_left_by_an_instance_that_died_before_its_app_ran_is_restored_again(
+    leased_supervisor: Supervisor, start_world: StartWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     supervisor = leased_supervisor
     generation = publish_fake_generation(supervisor.store)
-    assert Store(supervisor.store.root, supervisor.store.name).claim(generation)  # the other container
-    spawned: list[list[str]] = []
-
-    def fake_spawn(command: list[str], **options: Any) -> int:
-        spawned.append(command)
-        return FAKE_APP_PID
-
-    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
-    monkeypatch.setattr(criu, "restore", lambda *a, **k: pytest.fail("restored a claimed generation"))
-    monkeypatch.setattr(launcher, "check_command", lambda command: command[0])
-    monkeypatch.setattr(launcher, "spawn", fake_spawn)
+    supervisor.store.claim(generation, "a-dead-holder")  # killed during its restore: never resumed
 
     supervisor.start()
 
-    assert spawned == [["app"]], "the app must start fresh instead"
-    assert supervisor.state is State.RUNNING
+    assert start_world.restored == [generation.path]
+    assert "stopped before its app ran" in caplog.text
+    claim = supervisor.store.read_claim(generation)
+    assert claim is not None and claim.attempt == 2 and claim.lease == supervisor.lease.token
 
 
-def test_a_volume_error_while_claiming_is_logged_and_the_app_starts_fresh(
-    leased_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("rollback", ["allow", "refuse"])
+def test_a_generation_whose_app_ran_in_an_instance_that_died_is_a_rollback_or_a_fresh_start(
+    leased_supervisor: Supervisor, start_world: StartWorld, caplog: pytest.LogCaptureFixture, rollback: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    supervisor = leased_supervisor
+    supervisor.config = dataclasses.replace(supervisor.config, rollback=rollback)
+    generation = publish_fake_generation(supervisor.store)
+    store = supervisor.store
+    store.mark_resumed(generation, store.claim(generation, "a-dead-holder"))
+
+    supervisor.start()
+
+    if rollback == "allow":
+        assert start_world.restored == [generation.path]
+        assert "rolling back to gen-00000001" in caplog.text and "what the app did since is lost" in caplog.text
+    else:
+        assert start_world.restored == [] and start_world.spawned == [["app"]]
+        assert "CKPT_ROLLBACK=refuse" in caplog.text
+
+
+def test_a_generation_whose_restored_app_ended_on_its_own_is_superseded(
+    leased_supervisor: Supervisor, start_world: StartWorld
+) -> None:
+    supervisor = leased_supervisor
+    older = publish_fake_generation(supervisor.store)
+    generation = publish_fake_generation(supervisor.store)
+    store = supervisor.store
+    store.mark_ended(generation, store.mark_resumed(generation, store.claim(generation, "holder")), 0)
+
+    supervisor.start()
+
+    assert start_world.restored == [] and start_world.spawned == [["app"]], "not older either: superseded"
+    assert not older.claimed
+
+
+def test_the_app_ending_on_its_own_is_recorded_on_the_generation_it_was_restored_from(
+    leased_supervisor: Supervisor, start_world: StartWorld
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    supervisor.start()
+    supervisor.app_status = 3 << 8  # exit(3)
+    supervisor._app_exited()
+    claim = supervisor.store.read_claim(generation)
+    assert claim is not None and claim.ended is not None and claim.exit_code == 3
+    assert supervisor.exit_code == 3
+
+
+def test_a_generation_of_another_app_is_not_restored_and_the_change_is_noted(
+    leased_supervisor: Supervisor, start_world: StartWorld, tmp_path: Path
+) -> None:
+    supervisor = leased_supervisor
+    script = tmp_path / "app.py"
+    script.write_text("print('v1')")
+    # Same size, another mtime (a rebuilt image): hashed, and the hash differs.
+    recorded = {str(script): {"size": 11, "mtime_ns": script.stat().st_mtime_ns - 1, "sha256": "0" * 64}}
+    generation = publish_fake_generation(supervisor.store, app={"command": ["app"], "files": recorded})
+
+    supervisor.start()  # the file's hash differs from the recorded one: another build of the app
+
+    assert start_world.restored == [] and start_world.spawned == [["app"]]
+    assert not generation.rejected, "not corrupt: the checkpoint of another version"
+    noted = json.loads(Path(generation.path, "app-changed.json").read_text())["reason"]
+    assert f"its files differ: {script}" in noted
+
+
+def test_a_generation_made_with_another_command_is_not_restored(
+    leased_supervisor: Supervisor, start_world: StartWorld
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store, app={"command": ["ticker", "--fast"], "files": {}})
+    supervisor.start()
+    assert start_world.restored == []
+    assert "the command was 'ticker --fast', it is 'app' here" in Path(generation.path, "app-changed.json").read_text()
+
+
+def test_a_volume_error_while_claiming_keeps_the_generation_and_exits_6(
+    leased_supervisor: Supervisor, start_world: StartWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     supervisor = leased_supervisor
     generation = publish_fake_generation(supervisor.store)
     real_open = os.open
 
     def failing_open(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
-        if str(path).endswith("claim.json"):
+        if "claim.json" in str(path):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real_open(path, flags, *args, **kwargs)
 
-    spawned: list[list[str]] = []
     monkeypatch.setattr(os, "open", failing_open)
-    monkeypatch.setattr(criu, "version", lambda: "4.2.1")
-    monkeypatch.setattr(criu, "restore", lambda *a, **k: pytest.fail("restored without a claim"))
-    monkeypatch.setattr(launcher, "check_command", lambda command: command[0])
-    monkeypatch.setattr(launcher, "spawn", lambda command, **options: spawned.append(command) or FAKE_APP_PID)
-
-    supervisor.start()
-
-    assert spawned == [["app"]]
-    assert supervisor.state is State.RUNNING
-    assert f"cannot claim {generation.name}: I/O error on the checkpoint volume" in caplog.text
+    with pytest.raises(CannotRestoreHere, match=f"cannot claim {generation.name}: I/O error on the checkpoint volume"):
+        supervisor.start()
+    assert start_world.restored == []
     assert not generation.rejected, "a volume hiccup says nothing against the checkpoint itself"
 
 
@@ -880,10 +1074,37 @@ def test_when_a_lazy_restores_parent_pages_fail_the_check_the_parent_is_rejected
     child = publish_fake_child(supervisor.store, parent)
     supervisor.app_pid = FAKE_APP_PID
     daemon = criu.LazyPagesDaemon(child.path, "/nonexistent", "lazy-pages.log")  # never started: nothing to kill
-    supervisor.lazy = LazyRestore(child, child.read_json("manifest.json"), daemon, started=0.0)
+    supervisor.lazy = LazyRestore(child, child.read_json("manifest.json"), daemon, started=time.monotonic())
 
-    with pytest.raises(RestoreFailed, match="lazy restore of gen-00000002 failed"):
+    with pytest.raises(LazyRestoreCorrupt, match=r"after it ran \d+\.\d s on pages not yet verified.*is lost"):
         supervisor._lazy_progress(LazyProblem("gen-00000001: pages-1.img does not match its sha256", parent.name))
 
     assert (FAKE_APP_PID, signal.SIGKILL) in recorder.kills
     assert child.rejected and parent.rejected, "the next start must not lazily run the same bad pages again"
+
+
+def test_a_lazy_daemon_that_fails_kills_the_app_but_keeps_the_generation(
+    leased_supervisor: Supervisor, recorder: Recorder
+) -> None:
+    supervisor = leased_supervisor
+    generation = publish_fake_generation(supervisor.store)
+    supervisor.app_pid = FAKE_APP_PID
+    daemon = criu.LazyPagesDaemon(generation.path, "/nonexistent", "lazy-pages.log")
+    supervisor.lazy = LazyRestore(generation, generation.read_json("manifest.json"), daemon, started=time.monotonic())
+    with pytest.raises(LazyRestoreCorrupt, match="The generation is kept"):
+        supervisor._lazy_progress(daemon_status=1 << 8)
+    assert not generation.rejected, "the daemon failing says nothing against the pages"
+
+
+def test_the_same_app_with_a_rebuilt_but_identical_file_is_restored(
+    leased_supervisor: Supervisor, start_world: StartWorld, tmp_path: Path
+) -> None:
+    supervisor = leased_supervisor
+    script = tmp_path / "app.py"
+    script.write_text("print('v1')")
+    import hashlib
+
+    same = {"size": 11, "mtime_ns": script.stat().st_mtime_ns - 1, "sha256": hashlib.sha256(b"print('v1')").hexdigest()}
+    generation = publish_fake_generation(supervisor.store, app={"command": ["app"], "files": {str(script): same}})
+    supervisor.start()
+    assert start_world.restored == [generation.path]
