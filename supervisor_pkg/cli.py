@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from supervisor_pkg import __version__
-from supervisor_pkg.config import SETTINGS, load
+from supervisor_pkg.config import SETTINGS, load, unknown_variables
 from supervisor_pkg.errors import (
     CannotRestoreHere,
     CommandNotExecutable,
@@ -105,11 +105,17 @@ def run(command: tuple[str, ...], **flags: str | None) -> None:
     try:
         config = load(os.environ, flags)
         setup_logging(config.log_level)
+        for warning in unknown_variables(os.environ):
+            log.warning("%s", warning)
         if not command:
             raise ConfigError("no command given: use `criu-supervisor run -- CMD [ARGS...]` or set the image's CMD")
         if command[0] == "doctor" and shutil.which("doctor") is None:
             # `docker run --rm IMAGE doctor [--json]`: the ENTRYPOINT hands "doctor" over as the app.
             main.main(args=list(command), prog_name="criu-supervisor")
+        if "control" in config.triggers:
+            from supervisor_pkg import control
+
+            control.check_socket_path(config.control_socket)  # a wrong path is exit 2 now, not a warning later
         code = Supervisor(config, list(command), receiver).run()
     except SupervisorError as error:
         stopped = isinstance(error, (StoppedWhileWaiting, StoppedDuringRestore))

@@ -10,8 +10,10 @@ accepted values, which `cli` turns into exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import signal
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,13 +23,27 @@ from supervisor_pkg.errors import ConfigError
 # ones the supervisor needs for itself (SIGCHLD for reaping).
 _CHECKPOINT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPWR")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# A plain decimal: ASCII digits, at most one '.', no sign, exponent, '_' or
+# hex. float() and int() accept far more ('١٢', '1_000', '1e309', 'nan',
+# '-0', '+5'), none of which a person means as a number of seconds.
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+_MAX_NUMBER_LENGTH = 20
+_PATH_MAX = 4095  # bytes without the terminating NUL (PATH_MAX, linux/limits.h)
+_NAME_MAX = 255  # bytes in one path component (NAME_MAX, linux/limits.h)
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) = 108, less the terminating NUL (unix(7))
+_KERNEL_TREES = ("/proc", "/sys", "/dev")
+
+
+def _shown(raw: str) -> str:
+    """The value as it is quoted in an error: repr (so control characters show), cut if very long."""
+    return repr(raw) if len(raw) <= 300 else f"{raw[:60]!r}... ({len(raw)} characters)"
 
 
 def _choice(*accepted: str) -> Callable[[str, str], str]:
     def parse(variable: str, raw: str) -> str:
         value = raw.strip().lower()
-        if value not in accepted:
-            raise ConfigError(f"{variable}={raw!r} is not valid: accepted values are {', '.join(accepted)}")
+        if not raw.isascii() or value not in accepted:  # isascii: 'K' (the Kelvin sign).lower() is 'k'
+            raise ConfigError(f"{variable}={_shown(raw)} is not valid: accepted values are {', '.join(accepted)}")
         return value
 
     return parse
@@ -37,23 +53,52 @@ def _signal(variable: str, raw: str) -> signal.Signals:
     name = raw.strip().upper()
     if not name.startswith("SIG"):
         name = "SIG" + name
-    if name not in _CHECKPOINT_SIGNALS:
+    if not raw.isascii() or name not in _CHECKPOINT_SIGNALS:  # isascii: 'ſigterm'.upper() is 'SIGTERM'
         raise ConfigError(
-            f"{variable}={raw!r} is not valid: accepted values are {', '.join(_CHECKPOINT_SIGNALS)}"
+            f"{variable}={_shown(raw)} is not valid: accepted values are {', '.join(_CHECKPOINT_SIGNALS)}"
         )
     return signal.Signals[name]
 
 
+def _path_problem(raw: str) -> str | None:
+    """Why `raw` cannot be used as a path (beyond being absolute), or None."""
+    if not raw.isprintable():  # NUL (which every system call refuses), newlines, undecodable bytes
+        return "use printable characters only"
+    if len(raw.encode()) > _PATH_MAX or any(len(part.encode()) > _NAME_MAX for part in raw.split("/")):
+        return f"a path is at most {_PATH_MAX} bytes, each name in it at most {_NAME_MAX}"
+    if any(part in (".", "..") for part in raw.split("/")):
+        return "write it without '.' or '..'"
+    return None
+
+
 def _path(variable: str, raw: str) -> str:
     if not raw.startswith("/"):
-        raise ConfigError(f"{variable}={raw!r} is not valid: it must be an absolute path")
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: it must be an absolute path")
+    problem = _path_problem(raw)
+    if problem:
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: {problem}")
     return raw.rstrip("/") or "/"
+
+
+def _in_kernel_tree(path: str) -> bool:
+    return (path.rstrip("/") + "/").startswith(tuple(tree + "/" for tree in _KERNEL_TREES))
+
+
+def _socket_path(variable: str, raw: str) -> str:
+    path = _path(variable, raw)
+    if path == "/" or _in_kernel_tree(path):
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: the control socket cannot be / or under "
+                          "/proc, /sys or /dev (the kernel's): use e.g. /run/criu-supervisor.sock")
+    if len(path.encode()) > _SUN_PATH_MAX:
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: a unix socket's path is at most {_SUN_PATH_MAX} "
+                          f"bytes (sun_path, unix(7)), this one is {len(path.encode())}")
+    return path
 
 
 def _lineage_name(variable: str, raw: str) -> str:
     if not _NAME_PATTERN.fullmatch(raw):
         raise ConfigError(
-            f"{variable}={raw!r} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
+            f"{variable}={_shown(raw)} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return raw
@@ -69,10 +114,13 @@ def _path_list(variable: str, raw: str) -> tuple[str, ...]:
     paths = tuple(part for part in raw.split(":") if part)
     for part in paths:
         if not part.startswith("/") or "/../" in part + "/":
-            raise ConfigError(f"{variable}={raw!r} is not valid: expected absolute paths separated by ':'")
-        if part.rstrip("/") == "" or (part.rstrip("/") + "/").startswith(("/proc/", "/sys/", "/dev/")):
-            raise ConfigError(f"{variable}={raw!r} is not valid: {part} cannot be carried (/proc, /sys and /dev "
-                              "are the kernel's, not the app's)")
+            raise ConfigError(f"{variable}={_shown(raw)} is not valid: expected absolute paths separated by ':'")
+        problem = _path_problem(part)
+        if problem:
+            raise ConfigError(f"{variable}={_shown(raw)} is not valid: in {part[:60]!r}, {problem}")
+        if part.rstrip("/") == "" or _in_kernel_tree(part):
+            raise ConfigError(f"{variable}={_shown(raw)} is not valid: {part} cannot be carried (/proc, /sys and "
+                              "/dev are the kernel's, not the app's)")
     return tuple(part.rstrip("/") for part in paths)
 
 
@@ -83,14 +131,37 @@ def _triggers(variable: str, raw: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(part.strip().lower() for part in raw.split(",") if part.strip()))
     unknown = [name for name in names if name not in TRIGGER_NAMES]
     if unknown or not names:
-        raise ConfigError(f"{variable}={raw!r} is not valid: use a comma-separated list of {', '.join(TRIGGER_NAMES)}")
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: use a comma-separated list of "
+                          f"{', '.join(TRIGGER_NAMES)}")
     return names
 
 
 def _url(variable: str, raw: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", raw):
-        raise ConfigError(f"{variable}={raw!r} is not valid: expected an http:// or https:// URL")
+    invalid = ConfigError(f"{variable}={_shown(raw)} is not valid: expected an http:// or https:// URL "
+                          "with a host, and no user, query or fragment")
+    if len(raw) > 2000 or not raw.isascii() or not raw.isprintable() or " " in raw:
+        raise invalid
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError as error:  # e.g. 'http://[::1' (an unclosed IPv6 bracket)
+        raise invalid from error
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.username is not None
+            or parts.query or parts.fragment):
+        raise invalid
     return raw.rstrip("/")
+
+
+def _ip_address(variable: str, raw: str) -> str:
+    try:
+        address = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        address = None
+    # A scoped address (fe80::1%eth0) would need the interface in every bind; link-local is no use to Prometheus.
+    if address is None or getattr(address, "scope_id", None):
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: expected an IPv4 or IPv6 address, e.g. 0.0.0.0 "
+                          "(every IPv4 address), :: (every address) or 127.0.0.1 (this container only)")
+    return str(address)
 
 
 def _optional_text(variable: str, raw: str) -> str | None:
@@ -103,45 +174,69 @@ def _optional_text(variable: str, raw: str) -> str | None:
 
 def _toggle(variable: str, raw: str) -> bool:
     if raw.strip() not in ("0", "1"):
-        raise ConfigError(f"{variable}={raw!r} is not valid: accepted values are 0, 1")
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: accepted values are 0, 1")
     return raw.strip() == "1"
 
 
-def _port(variable: str, raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{variable}={raw!r} is not valid: expected a TCP port 1-65535, or 0 for off")
-    return value
+@dataclasses.dataclass(frozen=True)
+class _Number:
+    """A parser of plain decimal numbers from `minimum` to `maximum` (and 0 too, meaning off, if `zero_is_off`).
+
+    Every number has an upper bound: a huge value (1e300) passes float() but
+    overflows the time arithmetic and the waits it feeds (OverflowError in
+    threading.Event.wait), far from the setting that caused it.
+    """
+
+    minimum: float
+    maximum: float
+    noun: str = "a number of seconds"
+    unit: str = " s"
+    whole: bool = False
+    zero_is_off: bool = False
+
+    @property
+    def accepted(self) -> str:
+        """The accepted values, as the settings table shows them."""
+        span = f"{self.minimum:g}-{self.maximum:g}{self.unit}"
+        return f"0 (off) or {span}" if self.zero_is_off else span
+
+    def __call__(self, variable: str, raw: str) -> Any:
+        text = raw.strip()  # tolerated: env files and YAML often carry a stray space
+        if len(text) <= _MAX_NUMBER_LENGTH and _DECIMAL.fullmatch(text) and not (self.whole and "." in text):
+            value: float = int(text) if self.whole else float(text)
+            if (self.zero_is_off and value == 0) or self.minimum <= value <= self.maximum:
+                return value
+        expected = f"{self.noun} from {self.minimum:g} to {self.maximum:g}"
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: expected "
+                          + (f"0 (off) or {expected}" if self.zero_is_off else expected))
 
 
-def _positive_int(variable: str, raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{variable}={raw!r} is not valid: expected a whole number >= 1")
-    return value
-
-
-def _seconds(variable: str, raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise ConfigError(f"{variable}={raw!r} is not valid: expected a number of seconds >= 0")
-    return value
-
-
-def _positive_seconds(variable: str, raw: str) -> float:
-    value = _seconds(variable, raw)
-    if value <= 0:
-        raise ConfigError(f"{variable}={raw!r} is not valid: expected a number of seconds > 0")
-    return value
+# The bounds of each number, and why (see _Number: every one has a maximum).
+# Generations are whole checkpoints on the volume (page images of the app's
+# memory): more than 100 is surely a typo, and fills the volume before it helps.
+_KEEP = _Number(1, 100, noun="a whole number", unit="", whole=True)
+# A heartbeat rewrites the lease file on the shared volume: 10 a second is
+# plenty for NFS; more than an hour apart, a dead holder goes unnoticed for hours.
+_LEASE_INTERVAL = _Number(0.1, 3600)
+# At least twice the interval (checked in load); a day at most: a dead holder's
+# lease blocks every replacement for that long.
+_LEASE_TIMEOUT = _Number(0.2, 86400)
+# 0: do not wait. A day at most: no orchestrator keeps a replacement waiting longer.
+_HANDOFF_TIMEOUT = _Number(0, 86400)
+# Each periodic checkpoint freezes the app while CRIU dumps it (0.1 s or more):
+# more than once a second it would be frozen most of the time; less than once a
+# day is no safety net.
+_INTERVAL = _Number(1, 86400, zero_is_off=True)
+# The longest notice a cloud gives is minutes (AWS spot 2 min, Azure scheduled
+# events 15 min): a margin over an hour only means "at once", so it is a mistake.
+_DEADLINE_MARGIN = _Number(0, 3600)
+# AWS's notice is 2 minutes: polled less than once a minute, too little of it is
+# left to checkpoint in; more than 10 times a second only loads the metadata service.
+_POLL_INTERVAL = _Number(0.1, 60)
+# CRIU's log and image reads grow every few milliseconds while it works: a second
+# without progress is already a stall worth noticing on a slow volume, an hour is a hang.
+_RESTORE_STALL = _Number(1, 3600)
+_PORT = _Number(1, 65535, noun="a TCP port", unit="", whole=True, zero_is_off=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +244,14 @@ class Setting:
     variable: str
     default: str
     parse: Callable[[str, str], Any]
-    help: str
+    meaning: str
+
+    @property
+    def help(self) -> str:
+        """The meaning, and for a number the accepted range (taken from its parser, so the two cannot drift)."""
+        if isinstance(self.parse, _Number):
+            return f"{self.meaning} Accepted: {self.parse.accepted}."
+        return self.meaning
 
     @property
     def flag(self) -> str:
@@ -173,14 +275,15 @@ SETTINGS: tuple[Setting, ...] = (
             "kept); established: CRIU carries them (needs the peer to survive too)."),
     Setting("CKPT_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
             "Verbosity of the supervisor's own log lines."),
-    Setting("CKPT_KEEP", "2", _positive_int, "How many complete generations to keep."),
+    Setting("CKPT_KEEP", "2", _KEEP, "How many complete generations to keep."),
     Setting("CKPT_CRIU_LOG_LEVEL", "4", _choice("0", "1", "2", "3", "4"),
             "CRIU's own log verbosity (4 is the most detailed)."),
-    Setting("CKPT_LEASE_INTERVAL", "5", _positive_seconds,
+    Setting("CKPT_LEASE_INTERVAL", "5", _LEASE_INTERVAL,
             "Seconds between heartbeats of the running instance's lease on its lineage."),
-    Setting("CKPT_LEASE_TIMEOUT", "30", _positive_seconds,
-            "Seconds without a heartbeat after which a lease is taken over (its holder died)."),
-    Setting("CKPT_HANDOFF_TIMEOUT", "300", _seconds,
+    Setting("CKPT_LEASE_TIMEOUT", "30", _LEASE_TIMEOUT,
+            "Seconds without a heartbeat after which a lease is taken over (its holder died); at least twice "
+            "CKPT_LEASE_INTERVAL."),
+    Setting("CKPT_HANDOFF_TIMEOUT", "300", _HANDOFF_TIMEOUT,
             "Seconds a new instance waits for the live lease holder's final checkpoint before exiting 5."),
     Setting("CKPT_SIGNING_KEY_FILE", "", _optional_path,
             "A file (e.g. a Docker/Kubernetes secret) with the HMAC-SHA256 key that signs manifests; "
@@ -191,12 +294,12 @@ SETTINGS: tuple[Setting, ...] = (
             "What asks for checkpoints: sigterm (CKPT_SIGNAL), control (the socket behind `criu-supervisor "
             "checkpoint`), file (a checkpoint-request file on the volume), periodic (CKPT_INTERVAL), aws, gcp, "
             "azure (spot/preemption notices), auto (the cloud detected at start, if any)."),
-    Setting("CKPT_INTERVAL", "0", _seconds,
+    Setting("CKPT_INTERVAL", "0", _INTERVAL,
             "Seconds between periodic leave-running checkpoints (0: off). The safety net for a machine that "
             "dies with no notice."),
-    Setting("CKPT_DEADLINE_MARGIN", "30", _seconds,
+    Setting("CKPT_DEADLINE_MARGIN", "30", _DEADLINE_MARGIN,
             "With a long notice (AWS, 2 min) the final checkpoint starts this many seconds before the deadline."),
-    Setting("CKPT_POLL_INTERVAL", "5", _positive_seconds,
+    Setting("CKPT_POLL_INTERVAL", "5", _POLL_INTERVAL,
             "Seconds between polls of AWS's metadata service (AWS recommends 5); GCP and Azure, with 30 s "
             "notices, are polled at least every second."),
     Setting("CKPT_AWS_METADATA_URL", "http://169.254.169.254", _url, "Base URL of the AWS instance metadata service."),
@@ -204,8 +307,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Base URL of the GCP metadata server (the IP of metadata.google.internal: no DNS lookup to hang on)."),
     Setting("CKPT_AZURE_METADATA_URL", "http://169.254.169.254", _url,
             "Base URL of Azure's instance metadata service."),
-    Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _path,
-            "The local control socket used by `criu-supervisor checkpoint` and `status`."),
+    Setting("CKPT_CONTROL_SOCKET", "/run/criu-supervisor.sock", _socket_path,
+            "The local control socket used by `criu-supervisor checkpoint` and `status`: created only where nothing "
+            "exists or over a dead socket (a file, a link, a directory or a live socket there is refused); a "
+            "missing directory is created 0700. At most 107 bytes, not under /proc, /sys, /dev or CKPT_DIR."),
     Setting("CKPT_COMPRESS", "none", _choice("none", "zstd", "lz4"),
             "Compress page images on their way to the volume (CRIU dumps to local scratch space, the pages are "
             "streamed compressed to the volume while CRIU writes): fewer bytes on slow network volumes."),
@@ -224,8 +329,12 @@ SETTINGS: tuple[Setting, ...] = (
             "1: the app gets its own mount namespace with a /proc of its own PID namespace, so files it opens "
             "under /proc/<pid>/ name the PIDs CRIU restores (they fail to restore otherwise). Docker's masks "
             "over /proc (kcore, keys, read-only sys...) are not re-applied inside it."),
-    Setting("CKPT_METRICS_PORT", "0", _port,
-            "Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)."),
+    Setting("CKPT_METRICS_PORT", "0", _PORT,
+            "Serve Prometheus metrics at http://CKPT_METRICS_ADDRESS:PORT/metrics (0: off). Not one of the app's "
+            "own ports: one it listened on at its last checkpoint, or one in use, is refused."),
+    Setting("CKPT_METRICS_ADDRESS", "0.0.0.0", _ip_address,
+            "The IPv4 or IPv6 address metrics are served on: 0.0.0.0 (every IPv4 address, so that Prometheus can "
+            "scrape the pod, as exporters do), :: (every address), 127.0.0.1 (this container only)."),
     Setting("CKPT_CANNOT_RESTORE", "exit", _choice("exit", "fresh"),
             "When this container cannot restore the newest checkpoint although nothing is wrong with it (a missing "
             "capability, a seccomp filter, another CPU, an older CRIU, no terminal): exit: exit 6 naming the cause "
@@ -235,7 +344,7 @@ SETTINGS: tuple[Setting, ...] = (
             "When the instance that restored the newest checkpoint died without a newer one: allow: restore it "
             "again (the work done since it is lost, and logged); refuse: start fresh, for apps that must never "
             "repeat work."),
-    Setting("CKPT_RESTORE_STALL", "30", _positive_seconds,
+    Setting("CKPT_RESTORE_STALL", "30", _RESTORE_STALL,
             "Seconds a restore may go without progress (CRIU's log and reads not growing) before it is killed and "
             "this container is judged unable to restore (exit 6, the checkpoint kept)."),
     Setting("CKPT_APP_VERSION", "", _optional_text,
@@ -276,6 +385,7 @@ class Config:
     share_ipc: bool
     own_proc: bool
     metrics_port: int
+    metrics_address: str
     cannot_restore: str
     rollback: str
     restore_stall: float
@@ -309,7 +419,41 @@ def load(environ: Mapping[str, str], flags: Mapping[str, str | None] | None = No
     if "periodic" in values["triggers"] and values["interval"] <= 0:
         raise ConfigError("CKPT_TRIGGERS includes periodic but CKPT_INTERVAL is 0: set CKPT_INTERVAL to the seconds "
                           "between checkpoints")
+    if values["dir"] != "/" and values["control_socket"].startswith(values["dir"] + "/"):
+        # On a shared volume another host's live socket looks dead from here (connect() is refused: unix
+        # sockets are local to a kernel) and would be replaced.
+        raise ConfigError(f"CKPT_CONTROL_SOCKET={values['control_socket']!r} is not valid: it is inside CKPT_DIR "
+                          f"({values['dir']}), the shared volume: use a path in the container, e.g. "
+                          "/run/criu-supervisor.sock")
     return Config(**values)
+
+
+# CKPT_* variables the package reads that are not settings (no flag twin, no parsing): the manifest records
+# them as the source of a checkpoint (store.py). Keep this in step with `grep -rn environ supervisor_pkg`.
+NOT_SETTINGS = frozenset({
+    "CKPT_HOST_NAME",  # the node's name, e.g. from the Kubernetes downward API (store.py)
+    "CKPT_IMAGE_ID",  # the app image's digest, from the deployment (store.py)
+})
+_MAX_WARNINGS = 20
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning line per CKPT_* variable that nothing reads (a typo, or a setting of another version)."""
+    known = [setting.variable for setting in SETTINGS] + sorted(NOT_SETTINGS)
+    unknown = sorted(name for name in environ if name.upper().startswith("CKPT_") and name not in known)
+    if not unknown:
+        return []
+    import difflib  # ~1 ms of start-up, paid only when there is something to warn about
+
+    warnings = []
+    for name in unknown[:_MAX_WARNINGS]:
+        shown = name if name.isprintable() else repr(name)
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else " (the settings are listed in the README)"
+        warnings.append(f"{shown} is not a criu-supervisor setting{hint}; it is ignored")
+    if len(unknown) > _MAX_WARNINGS:
+        warnings.append(f"... and {len(unknown) - _MAX_WARNINGS} more CKPT_* variables that are not settings")
+    return warnings
 
 
 def describe_table() -> str:

@@ -35,6 +35,7 @@ from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
     CannotRestoreHere,
+    ConfigError,
     DumpFailed,
     LazyRestoreCorrupt,
     RestoreRequired,
@@ -61,6 +62,8 @@ LAZY_VERIFIED = "lazy-pages-verified"
 # A notice shorter than this (GCP, Azure: ~30 s) goes straight to the final checkpoint;
 # a longer one (AWS: 2 min) gets a leave-running safety net first.
 LONG_NOTICE_SECONDS = 45.0
+# A fresh app gets this long to bind its own ports before the metrics server checks them and binds its own.
+METRICS_DELAY_AFTER_FRESH_START = 2.0
 _STARTED_AT = time.time()
 
 
@@ -134,6 +137,7 @@ class Supervisor:
         self.exit_code: int | None = None
         self.restored_from: Generation | None = None
         self.restored_claim: Claim | None = None  # our claim on restored_from: marked ended if the app stops
+        self.checkpointed_ports: set[int] = set()  # the app's listening ports in the checkpoint it came from
         self.carried_paths: list[str] = []
         self.lease: Lease | None = None
         self.heartbeat: Heartbeat | None = None
@@ -239,6 +243,7 @@ class Supervisor:
         self.app_pid = restored.pid
         self.restored_from, self.restored_claim = restored.generation, restored.claim
         self.carried_paths = restored.carried_paths
+        self.checkpointed_ports = _ports(_app_section(restored.manifest).get("listening_ports"))
         self.last_restore = {
             "generation": restored.generation.name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(restored.seconds, 3),
@@ -266,15 +271,36 @@ class Supervisor:
 
         self.active_triggers = trigger_sources.start_all(self.config, self.store.lineage, self.receiver.post)
         if self.config.metrics_port:
-            try:
-                server = metrics.serve(self.metrics, self.config.metrics_port)
-                self.active_triggers.stoppers.append(server.shutdown)
-                log.info("metrics at http://0.0.0.0:%d/metrics", self.config.metrics_port)
-            except OSError as error:
-                log.warning("metrics not served on port %d: %s", self.config.metrics_port, error.strerror)
+            # After a fresh start the app may not have bound its ports yet: give it a moment, so that the
+            # check below sees them and our server never takes the app's own port (its bind would fail).
+            delay = 0.0 if self.restored_from else METRICS_DELAY_AFTER_FRESH_START
+            timer = threading.Timer(delay, self._serve_metrics)
+            timer.daemon = True
+            timer.start()
+            self.active_triggers.stoppers.append(timer.cancel)
         if self.config.interval > 0:
             self.next_periodic = time.monotonic() + self.config.interval
         log.info("checkpoint triggers: %s", ", ".join(self.active_triggers.names) or "none")
+
+    def _serve_metrics(self) -> None:
+        """Serve CKPT_METRICS_PORT, unless the app listens there (now, or at its last checkpoint)."""
+        port, address = self.config.metrics_port, self.config.metrics_address
+        app_ports = set(self.checkpointed_ports)
+        if self.app_pid is not None:
+            app_ports |= metrics.read_listening_ports(f"/proc/{self.app_pid}/net")
+        problem = metrics.metrics_port_conflict(port, app_ports)
+        if problem:
+            log.warning("%s; metrics are not served", problem)
+            return
+        try:
+            server = metrics.serve(self.metrics, port, address)
+        except ConfigError as error:
+            log.warning("%s", error.message)
+            return
+        if self.active_triggers is not None:
+            self.active_triggers.stoppers.append(server.shutdown)
+        shown = f"[{address}]" if ":" in address else address
+        log.info("metrics at http://%s:%d/metrics", shown, port)
 
     def stop_triggers(self) -> None:
         if self.active_triggers is not None:
@@ -729,7 +755,8 @@ class Supervisor:
                                   "carried_files": carried_count},
                         "app": {"stdio": stdio, "own_mount_namespace": self.config.own_proc,
                                 "command": self.command, "version": self.config.app_version,
-                                "files": app_files},
+                                "files": app_files,
+                                "listening_ports": sorted(metrics.read_listening_ports(f"/proc/{self.app_pid}/net"))},
                         "restored_from": self.restored_from.name if self.restored_from else None,
                         **extra,
                     },
@@ -842,6 +869,18 @@ def _checkpoint_failure(error: Exception) -> str:
         return error.message
     log.exception("checkpoint failed unexpectedly (a bug: please report it with this traceback)")
     return f"checkpoint failed unexpectedly: {error!r}"
+
+
+def _app_section(manifest: dict[str, Any]) -> dict[str, Any]:
+    app = manifest.get("app")
+    return app if isinstance(app, dict) else {}
+
+
+def _ports(recorded: Any) -> set[int]:
+    """Ports read back from a manifest (untrusted): only whole numbers 1-65535."""
+    if not isinstance(recorded, list):
+        return set()
+    return {port for port in recorded if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536}
 
 
 def _terminals(stdio: dict[str, str]) -> list[str]:
