@@ -252,9 +252,9 @@ class RestoreFlow:
             self.metrics.restore(ok=False)
             raise StoppedDuringRestore(f"asked to stop during the restore of {generation.name}: aborted it; the "
                                        "checkpoint is kept for the next container") from error
-        except VerificationFailed as error:
+        except VerificationFailed as error:  # its pages, hashed while CRIU restored: the app never ran
             self.metrics.restore(ok=False)
-            log.error("%s", error.message)
+            log.warning("refusing %s: %s; the restored tree was killed before it ran", generation.name, error.message)
             self.store.reject(generation, error.message, culprit=error.generation)
             return _Skip(f"{generation.name} was refused")
         except RestoreFailed as error:
