@@ -109,7 +109,7 @@ def differences(
     """
     changes = []
     if isinstance(recorded_command, list) and list(recorded_command) != list(command):
-        changes.append(f"the command was {_quote(recorded_command)}, it is {_quote(command)} here")
+        changes.append(_command_change(list(recorded_command), list(command)))
     if (recorded_version or None) != (version or None):
         changes.append(f"CKPT_APP_VERSION was {recorded_version or 'unset'}, it is {version or 'unset'} here")
     changed_files = []
@@ -136,6 +136,20 @@ def differences(
     return changes
 
 
-def _quote(command: Sequence[Any]) -> str:
-    text = " ".join(str(part) for part in command)
-    return repr(text if len(text) <= 80 else text[:77] + "...")
+def _command_change(recorded: list[Any], command: list[str]) -> str:
+    """'the command was X, it is Y here', or for long commands the first argument that differs."""
+    whole_recorded, whole = " ".join(map(str, recorded)), " ".join(command)
+    if len(whole_recorded) <= 80 and len(whole) <= 80:
+        return f"the command was {whole_recorded!r}, it is {whole!r} here"
+    index = next((i for i, (a, b) in enumerate(zip(recorded, command)) if a != b), min(len(recorded), len(command)))
+    was = _short(recorded[index]) if index < len(recorded) else "(nothing)"
+    now = _short(command[index]) if index < len(command) else "(nothing)"
+    return f"argument {index} of the command was {was}, it is {now} here"
+
+
+def _short(argument: Any) -> str:
+    text = str(argument)
+    if len(text) <= 60:
+        return repr(text)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{text[:40]!r}... ({len(text)} characters, sha256 {digest})"

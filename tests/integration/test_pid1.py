@@ -85,8 +85,10 @@ def test_an_app_on_a_terminal_migrates_to_a_replacement_with_a_terminal(engine: 
     second.wait_log(rf"tick {last + 3}")
     assert "restored gen-00000001" in second.logs()
     assert second.stop() == 0
-    # Without a terminal the checkpoint cannot be restored: one readable line, and a fresh start.
+    # Without a terminal the checkpoint cannot be restored here: one readable line, exit 6, the checkpoint kept.
     third = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"})
-    third.wait_log(r"tick 1\n")
-    assert re.search(r"not restoring gen-00000002: it was made on a terminal .* start the replacement with -t",
+    assert third.wait_exit(timeout=60) == 6
+    assert re.search(r"cannot restore gen-00000002: it was made on a terminal .* start the replacement with -t",
                      third.logs()), third.logs()
+    fourth = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"}, extra=["-t"])
+    fourth.wait_log(r"restored gen-00000002")
