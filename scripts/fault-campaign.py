@@ -70,7 +70,6 @@ class Chain:
         self.states: dict[int, int] = {}  # generation number -> counter value it holds
         self.counter = 0
         self.live = self.start()
-        self.live.http("PUT", "/kv/session", "alice")
 
     def start(self, extra_env: dict[str, str] | None = None) -> Container:
         return self.engine.run(KV_IMAGE, volume=self.volume, env={**self.env, **(extra_env or {})})

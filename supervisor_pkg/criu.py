@@ -50,6 +50,7 @@ from supervisor_pkg.errors import (
     RestoreInterrupted,
     RestoreStalled,
 )
+from supervisor_pkg.volume import Directory, VolumeRefusal, real_path
 
 CRIU_BINARY = "criu"
 # Deleted-but-open files are copied into the checkpoint (ghost files) up to this
@@ -124,7 +125,9 @@ class DumpResult:
 
 @contextlib.contextmanager
 def _directory_fd(path: str) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    # O_NOFOLLOW: the store hands paths anchored at its open lineage (/proc/PID/fd/N/gen-...); a
+    # symlink put in the generation's place on the shared volume is refused, never followed.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         os.set_inheritable(fd, True)
         yield fd
@@ -298,13 +301,13 @@ def dump(
             response = _exchange(rpc.criu_req(type=rpc.DUMP, opts=opts))
         except (_SwrkDied, OSError) as error:
             raise DumpFailed(f"checkpoint failed: CRIU died ({error or 'no answer'}): {explain(log_path)} "
-                             f"(full CRIU log: {log_path})", log_path=log_path) from error
+                             f"(full CRIU log: {real_path(log_path)})", log_path=log_path) from error
         finally:
             _private(log_dir)
         if not response.success:
             raise DumpFailed(
                 f"checkpoint failed: {explain(log_path, RuntimeError(_criu_said(response)))} "
-                f"(full CRIU log: {log_path})",
+                f"(full CRIU log: {real_path(log_path)})",
                 errno=response.cr_errno or None,
                 log_path=log_path,
             )
@@ -346,9 +349,8 @@ class LazyPagesDaemon:
         while not os.path.exists(os.path.join(self.work_dir, self.SOCKET)):
             finished, _status = os.waitpid(self.pid, os.WNOHANG)
             if finished or time.monotonic() > deadline:
-                raise RestoreFailed(
-                    f"CRIU's lazy-pages daemon did not start: {explain(self.log_path)} (log: {self.log_path})"
-                )
+                raise RestoreFailed(f"CRIU's lazy-pages daemon did not start: {explain(self.log_path)} "
+                                    f"(log: {real_path(self.log_path)})")
             time.sleep(0.002)
         return self.pid
 
@@ -421,7 +423,7 @@ def restore(
             except (_SwrkDied, OSError) as error:
                 leftovers.remove()
                 raise RestoreFailed(f"restore failed: CRIU died ({error or 'no answer'}): {explain(log_path)} "
-                                    f"(full CRIU log: {log_path})", log_path=log_path) from error
+                                    f"(full CRIU log: {real_path(log_path)})", log_path=log_path) from error
             except BaseException:
                 leftovers.remove()
                 raise
@@ -429,7 +431,7 @@ def restore(
                 leftovers.remove()
                 raise RestoreFailed(
                     f"restore failed: {explain(log_path, RuntimeError(_criu_said(response)))} "
-                    f"(full CRIU log: {log_path})",
+                    f"(full CRIU log: {real_path(log_path)})",
                     errno=response.cr_errno or None,
                     log_path=log_path,
                     fault=restore_fault(log_path),
@@ -511,7 +513,8 @@ class _RestoreWatchdog:
         elif now - self.last_progress >= self.stall_timeout:
             raise RestoreStalled(
                 f"restore made no progress for {self.stall_timeout:.0f} s (CKPT_RESTORE_STALL) and was killed: "
-                f"{explain(self.log_path, RuntimeError('CRIU stopped logging'))} (full CRIU log: {self.log_path})",
+                f"{explain(self.log_path, RuntimeError('CRIU stopped logging'))} "
+                f"(full CRIU log: {real_path(self.log_path)})",
                 log_path=self.log_path,
             )
 
@@ -635,10 +638,18 @@ def _carry_mount_namespace(opts: Any) -> None:
 
 
 def _private(log_dir: str) -> None:
-    """CRIU writes its logs and stats 0644; they describe the app, so keep them 0600."""
-    for name in os.listdir(log_dir):
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.join(log_dir, name), 0o600)
+    """CRIU writes its logs and stats 0644; they describe the app, so keep them 0600.
+
+    Only regular files, reached without following symlinks: the logs live on the
+    shared volume, where a symlink to /etc/passwd could be waiting.
+    """
+    with contextlib.suppress(OSError):
+        directory = Directory(log_dir, os.open(log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))
+        with directory:
+            for entry in directory.entries():
+                if entry.kind == "file":
+                    with contextlib.suppress(OSError, VolumeRefusal):
+                        directory.chmod(entry.name, 0o600)
 
 
 def _unix_socket_files() -> dict[int, tuple[int, int]]:

@@ -141,7 +141,8 @@ def _command_change(recorded: list[Any], command: list[str]) -> str:
     whole_recorded, whole = " ".join(map(str, recorded)), " ".join(command)
     if len(whole_recorded) <= 80 and len(whole) <= 80:
         return f"the command was {whole_recorded!r}, it is {whole!r} here"
-    index = next((i for i, (a, b) in enumerate(zip(recorded, command)) if a != b), min(len(recorded), len(command)))
+    pairs = zip(recorded, command, strict=False)  # (lengths may differ: the first difference, or the shorter's end)
+    index = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(recorded), len(command)))
     was = _short(recorded[index]) if index < len(recorded) else "(nothing)"
     now = _short(command[index]) if index < len(command) else "(nothing)"
     return f"argument {index} of the command was {was}, it is {now} here"

@@ -17,6 +17,13 @@
 
 flock() would be a hint at best on NFS (local-only or a no-op on some mounts),
 so it is not used.
+
+lease.json is read from the shared volume, so it is untrusted: it is opened
+without following a symlink and only if it is a regular file (a FIFO never
+blocks), bounded in size, and parsed into a checked record. A lease that is
+none of that (a symlink, a FIFO, malformed JSON, a field of the wrong type) is
+"unreadable": nobody's lease, which beats no more, so it is taken over after
+CKPT_LEASE_TIMEOUT of no change, exactly like a dead holder's.
 """
 
 from __future__ import annotations
@@ -33,15 +40,36 @@ from collections.abc import Callable
 from typing import Any
 
 from supervisor_pkg.errors import LeaseHeld, LeaseLost, StoppedWhileWaiting, StoreError
-from supervisor_pkg.store import write_atomically
+from supervisor_pkg.store import describe_os_error
+from supervisor_pkg.volume import Directory, VolumeRefusal, parse_json_object
 
 LEASE_FILE = "lease.json"
+_LEASE_LIMIT = 64 * 1024
+# The fields a lease record may hold, and their types: anything else makes it unreadable.
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "owner": (str,), "host": (str, type(None)), "container_id": (str, type(None)), "image_id": (str, type(None)),
+    "pid": (int,), "beat": (int,), "time": (int, float), "interval": (int, float), "timeout": (int, float),
+}
 log = logging.getLogger("criu-supervisor")
 
 
+def _checked(data: dict[str, Any]) -> dict[str, Any]:
+    """The record if every known field has its type (unknown fields kept for comparison), else an unreadable one."""
+    for key, kinds in _FIELDS.items():
+        value = data.get(key)
+        if key in data and (isinstance(value, bool) or not isinstance(value, kinds)):
+            return {"unreadable": f"its field {key!r} has the wrong type"}
+        if isinstance(value, float) and value != value:
+            return {"unreadable": f"its field {key!r} is not a number"}
+    if not isinstance(data.get("owner"), str):
+        return {"unreadable": "it names no owner"}
+    return data
+
+
 class Lease:
-    def __init__(self, lineage: str, identity: dict[str, Any], interval: float, timeout: float) -> None:
-        self.path = os.path.join(lineage, LEASE_FILE)
+    def __init__(self, lineage: str | Directory, identity: dict[str, Any], interval: float, timeout: float) -> None:
+        self.lineage = lineage if isinstance(lineage, Directory) else Directory.open(lineage)
+        self.path = os.path.join(lineage if isinstance(lineage, str) else lineage.path, LEASE_FILE)
         self.identity = identity
         self.interval = interval
         self.timeout = timeout
@@ -54,22 +82,19 @@ class Lease:
 
     # --- reading --------------------------------------------------------------
     def read(self) -> dict[str, Any] | None:
-        """The lease record; None if there is none. OSError (EIO, ESTALE...) propagates: it says nothing
-        about who holds the lease, so callers retry rather than conclude."""
+        """The lease record; None if there is none; {"unreadable": why} if it is no lease (see the module
+        docstring). OSError (EIO, ESTALE...) propagates: it says nothing about who holds the lease, so
+        callers retry rather than conclude."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            data = self.lineage.read_bytes(LEASE_FILE, _LEASE_LIMIT)
         except FileNotFoundError:
             return None
-        except OSError as error:
-            if error.errno == errno.ELOOP:  # a symlink where the lease should be: nobody's lease
-                return {"unreadable": "symlink"}
-            raise
-        with os.fdopen(fd) as handle:
-            try:
-                data = json.load(handle)
-            except ValueError:
-                return {"unreadable": "not JSON"}
-        return data if isinstance(data, dict) else {"unreadable": "not an object"}
+        except VolumeRefusal as refusal:
+            return {"unreadable": refusal.message}
+        try:
+            return _checked(parse_json_object(data, self.path))
+        except VolumeRefusal as refusal:
+            return {"unreadable": refusal.message}
 
     def _record(self) -> dict[str, Any]:
         return {
@@ -84,16 +109,14 @@ class Lease:
 
     # --- acquiring --------------------------------------------------------------
     def try_create(self) -> bool:
+        """O_EXCL: True if we created the lease. A write that fails (a full volume) leaves no empty lease."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self._record(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.held = True
-        return True
+            created = self.lineage.create_exclusive(LEASE_FILE, json.dumps(self._record()).encode())
+        except VolumeRefusal as refusal:  # a symlink or a directory there: never written through
+            raise OSError(errno.EEXIST, refusal.message) from refusal
+        if created:
+            self.held = True
+        return created
 
     def acquire(self, handoff_timeout: float, should_stop: Callable[[float], bool]) -> str:
         """Take the lease, waiting for a handoff or an expiry. Returns how it was taken.
@@ -110,7 +133,8 @@ class Lease:
                 if self.try_create():
                     return "released by its previous holder" if announced else "free"
             except OSError as error:
-                raise StoreError(f"cannot create the lease {self.path}: {error.strerror}") from error
+                if error.errno != errno.EEXIST:
+                    raise StoreError(f"cannot create the lease: {describe_os_error(error, self.path)}") from error
             try:
                 current = self.read()
             except OSError as error:
@@ -163,30 +187,32 @@ class Lease:
         the stale record we watched (a faster taker already replaced it), we put
         it back with link(), which fails rather than overwrite, and keep waiting.
         """
-        moved = f"{self.path}.stale-{secrets.token_hex(4)}"
+        moved = f"{LEASE_FILE}.stale-{secrets.token_hex(4)}"
         try:
-            os.rename(self.path, moved)
+            self.lineage.rename(LEASE_FILE, self.lineage, moved)
         except FileNotFoundError:
             return False
         try:
-            with open(moved) as handle:
-                moved_content = json.dumps(json.load(handle), sort_keys=True)
-        except (OSError, ValueError):
+            raw = self.lineage.read_bytes(moved, _LEASE_LIMIT)
+            moved_content = json.dumps(_checked(parse_json_object(raw, moved)), sort_keys=True)
+        except (OSError, VolumeRefusal):
             moved_content = stale_content if "unreadable" in stale else ""
         if moved_content != stale_content:
-            with contextlib.suppress(OSError):
-                os.link(moved, self.path)  # give the faster taker its lease back
-            with contextlib.suppress(OSError):
-                os.unlink(moved)
+            with contextlib.suppress(OSError, VolumeRefusal):
+                self.lineage.link(moved, self.lineage, LEASE_FILE)  # give the faster taker its lease back
+            with contextlib.suppress(OSError, VolumeRefusal):
+                self.lineage.unlink(moved)
             return False
-        with contextlib.suppress(OSError):
-            os.unlink(moved)
+        with contextlib.suppress(OSError, VolumeRefusal):
+            self.lineage.remove_tree(moved)  # (a directory or a symlink put there goes too: never followed)
         if not self.try_create():
             return False
         self.taken_from = stale
         # A holder frozen in the middle of renew() may still land one late write
         # over ours. Wait one of its beats and make sure the lease stayed ours.
-        time.sleep(min(float(stale.get("interval") or self.interval), self.timeout / 2))
+        interval = stale.get("interval")
+        beat = float(interval) if isinstance(interval, (int, float)) and 0 < interval < 3600 else self.interval
+        time.sleep(min(beat, self.timeout / 2))
         try:
             self.check()
         except LeaseLost:
@@ -212,7 +238,10 @@ class Lease:
                     f"{_short(holder.get('container_id'))}"
                 )
             self.beat += 1
-            write_atomically(self.path, json.dumps(self._record()))
+            try:
+                self.lineage.write_atomically(LEASE_FILE, json.dumps(self._record()).encode())
+            except VolumeRefusal as refusal:
+                raise OSError(errno.EIO, refusal.message) from refusal
 
     def check(self) -> None:
         """Fencing before publishing: raise LeaseLost unless we still own it."""
@@ -229,10 +258,10 @@ class Lease:
         with self._lock:
             if not self.held:
                 return
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, VolumeRefusal):
                 current = self.read()
                 if current is not None and current.get("owner") == self.token:
-                    os.unlink(self.path)
+                    self.lineage.unlink(LEASE_FILE)
             self.held = False
 
 

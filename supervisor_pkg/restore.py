@@ -330,7 +330,8 @@ class RestoreFlow:
         if carried.ARCHIVE not in (manifest.get("files") or {}):
             return []
         try:
-            paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}", exclude=[self.config.dir])
+            paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}", exclude=[self.config.dir],
+                                    max_bytes=int(manifest["files"][carried.ARCHIVE]["size"]))
         except (ValueError, tarfile.TarError) as error:  # what the archive holds: its fault
             raise RestoreFailed(f"restore failed: cannot put back the carried files: {error}",
                                 fault=CHECKPOINT_AT_FAULT) from error

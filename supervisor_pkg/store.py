@@ -62,14 +62,15 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from supervisor_pkg.errors import ConfigError, StoreError, VerificationFailed
+from supervisor_pkg.volume import Directory, VolumeRefusal, parse_json_object, real_path, shown
 
 log = logging.getLogger("criu-supervisor")
 
@@ -85,6 +86,11 @@ PARENT_LINK = "parent"  # CRIU's name for the link to the previous dump's images
 FORMAT_VERSION = 3
 _READABLE_FORMATS = (1, 2, 3)
 _GENERATION = re.compile(r"^gen-(\d{8})$")
+MAX_GENERATION = 99_999_999  # gen-NNNNNNNN: the number never outgrows its eight digits
+# What is read from the volume is bounded before it is parsed (a hostile file can be of any size):
+MANIFEST_LIMIT = 16 << 20  # a manifest lists 1 chunk hash per 16 MiB of pages: a 64 GiB app needs ~300 KiB
+RECORD_LIMIT = 1 << 20  # claims, rejections, notes
+_POINTER_LIMIT = 64
 _STAGING_PREFIX = ".staging-"
 # Files that live in a generation directory but are not part of the checkpoint.
 _BOOKKEEPING = {MANIFEST, CLAIM, REJECTED, APP_CHANGED, INCOMPATIBLE}
@@ -109,8 +115,14 @@ def generation_name(number: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
+    """A generation of the lineage. `path` is anchored at the lineage's open directory
+    (/proc/PID/fd/N/gen-...), so that what CRIU and the hashing read is this lineage's,
+    whatever was renamed or symlinked on the volume meanwhile; its own files are reached
+    through `directory()`, one component at a time, never through a symlink."""
+
     number: int
     path: str
+    lineage: Directory | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -120,8 +132,22 @@ class Generation:
     def manifest_path(self) -> str:
         return os.path.join(self.path, MANIFEST)
 
+    @contextlib.contextmanager
+    def directory(self) -> Iterator[Directory]:
+        """This generation's directory (VolumeRefusal if it is a symlink or not a directory)."""
+        if self.lineage is None:
+            with Directory.open(os.path.dirname(self.path)) as lineage, lineage.subdir(self.name) as own:
+                yield own
+            return
+        with self.lineage.subdir(self.name) as own:
+            yield own
+
     def has(self, filename: str) -> bool:
-        return os.path.exists(os.path.join(self.path, filename))
+        try:
+            with self.directory() as own:
+                return own.exists(filename)
+        except (OSError, VolumeRefusal):
+            return False
 
     @property
     def claimed(self) -> bool:
@@ -131,12 +157,26 @@ class Generation:
     def rejected(self) -> bool:
         return self.has(REJECTED)
 
-    def read_json(self, filename: str) -> dict[str, Any]:
-        with open(os.path.join(self.path, filename)) as handle:
-            data = json.load(handle)
-        if not isinstance(data, dict):
-            raise ValueError(f"{filename} is not a JSON object")
-        return data
+    def read_bytes(self, filename: str, limit: int = RECORD_LIMIT) -> bytes:
+        """A file of this generation; FileNotFoundError if missing, ValueError if it is not a plain file."""
+        try:
+            with self.directory() as own:
+                return own.read_bytes(filename, limit)
+        except VolumeRefusal as refusal:
+            raise ValueError(refusal.message) from refusal
+
+    def read_json(self, filename: str, limit: int = RECORD_LIMIT) -> dict[str, Any]:
+        """A JSON object of this generation; ValueError if it is malformed or not a plain file."""
+        data = self.read_bytes(filename, MANIFEST_LIMIT if filename == MANIFEST else limit)
+        try:
+            return parse_json_object(data, f"{self.name}/{filename}")
+        except VolumeRefusal as refusal:
+            raise ValueError(refusal.message) from refusal
+
+    def write_json(self, filename: str, data: dict[str, Any]) -> None:
+        """tmp -> fsync -> rename inside this generation's own directory (0600); OSError, VolumeRefusal."""
+        with self.directory() as own:
+            own.write_atomically(filename, _json_bytes(data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +273,10 @@ def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _digest_range(fd: int, digest: Any, begin: int, end: int | None = None) -> int:
     """Feed bytes [begin, end) of `fd` (end None: to its end) to `digest`; return where reading stopped.
 
@@ -248,10 +292,10 @@ def _digest_range(fd: int, digest: Any, begin: int, end: int | None = None) -> i
     return begin
 
 
-def hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
-    """(size, sha256) of a file, read once; optionally fsync it in the same pass."""
+def hash_file(path: str, fsync: bool = False, fd: int | None = None) -> tuple[int, str]:
+    """(size, sha256) of a file (or of the open `fd`, which is closed), read once; optionally fsync it too."""
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW) if fd is None else fd
     try:
         size = _digest_range(fd, digest, 0)
         if fsync:
@@ -272,11 +316,11 @@ def _at_fault(generation: Generation) -> Iterator[None]:
         raise
 
 
-def _is_parent_link(path: str, parent_name: str) -> bool:
-    """`path` is exactly the symlink CRIU makes for a parent that is a sibling generation."""
+def _is_parent_link(directory: Directory, parent_name: str) -> bool:
+    """`directory` holds exactly the symlink CRIU makes for a parent that is a sibling generation."""
     try:
-        return os.readlink(path) == f"../{parent_name}"
-    except OSError:
+        return directory.readlink(PARENT_LINK) == f"../{parent_name}"
+    except (OSError, VolumeRefusal):
         return False
 
 
@@ -310,11 +354,12 @@ def _hash_range(fd: int, begin: int, end: int, digest: Any = None) -> str:
 
 
 def hash_chunks(
-    path: str, chunk_size: int | None = None, fsync: bool = False, workers: int = ALL_CORES
+    path: str, chunk_size: int | None = None, fsync: bool = False, workers: int = ALL_CORES, fd: int | None = None
 ) -> tuple[int, list[str]]:
-    """(size, [sha256 of each chunk_size (default PAGE_CHUNK) piece]) of a file, hashed on `workers` threads."""
+    """(size, [sha256 of each chunk_size (default PAGE_CHUNK) piece]) of a file (or of the open `fd`, which is
+    closed), hashed on `workers` threads."""
     chunk_size = chunk_size or PAGE_CHUNK
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW) if fd is None else fd
     try:
         size = os.fstat(fd).st_size
         starts = range(0, size, chunk_size)
@@ -339,7 +384,7 @@ def page_entry(size: int, chunks: list[str]) -> dict[str, Any]:
     return {"size": size, "chunk_size": PAGE_CHUNK, "chunks": chunks}
 
 
-def _describe_os_error(error: OSError, path: str) -> str:
+def describe_os_error(error: OSError, path: str) -> str:
     if error.errno == errno.EROFS:
         return f"the checkpoint volume is read-only ({path}); mount CKPT_DIR read-write"
     if error.errno == errno.ENOSPC:
@@ -477,10 +522,14 @@ class _FollowedImage:
 
 
 class Staging:
-    """A generation being written. Never restored until `Store.publish`."""
+    """A generation being written. Never restored until `Store.publish`.
 
-    def __init__(self, path: str) -> None:
+    `path` is anchored at the lineage's open directory, like Generation.path.
+    """
+
+    def __init__(self, path: str, name: str = "") -> None:
         self.path = path
+        self.name = name or os.path.basename(path)
 
 
 class Store:
@@ -489,66 +538,145 @@ class Store:
         self.name = name
         self.keep = keep
         self.signing_key = signing_key
-        self.lineage = os.path.join(root, name)
-        self.logs = os.path.join(self.lineage, "logs")
+        self.lineage = os.path.join(root, name)  # for messages; access goes through lineage_dir
+        self._lineage_dir: Directory | None = None
 
     # --- opening -----------------------------------------------------------
     def open(self) -> None:
-        """Create the lineage (0700) if missing. Raises StoreError if it cannot."""
+        """Create the lineage and its logs (0700) if missing, never through a symlink. Raises StoreError."""
         try:
-            os.makedirs(self.root, exist_ok=True)
-            for path in (self.lineage, self.logs):
-                os.makedirs(path, mode=0o700, exist_ok=True)
-                os.chmod(path, 0o700)
+            with Directory.open(self.root, create=True) as root:
+                lineage = root.subdir(self.name, create=True, mode=0o700)
+            try:
+                lineage.subdir("logs", create=True, mode=0o700).close()
+            except BaseException:
+                lineage.close()
+                raise
+        except VolumeRefusal as refusal:
+            raise StoreError(f"{refusal.message}: refusing to use it (the volume is shared: somebody put it there); "
+                             f"remove it, or choose another CKPT_NAME") from refusal
         except OSError as error:
-            raise StoreError(_describe_os_error(error, self.lineage)) from error
+            raise StoreError(describe_os_error(error, self.lineage)) from error
+        if self._lineage_dir is not None:
+            self._lineage_dir.close()
+        self._lineage_dir = lineage
+
+    @property
+    def lineage_dir(self) -> Directory | None:
+        """The lineage's open directory (opened on first use, creating nothing); None if there is none."""
+        if self._lineage_dir is None:
+            try:
+                with Directory.open(self.root) as root:
+                    self._lineage_dir = root.subdir(self.name)
+            except (OSError, VolumeRefusal):
+                return None
+        return self._lineage_dir
+
+    @property
+    def anchor(self) -> str:
+        """A path to the lineage through its open fd, immune to renames and symlinks on the volume.
+
+        /proc/<our pid>/fd/N rather than /proc/self: our children (CRIU's lazy-pages
+        daemon) are handed these paths too, and reach the same directory through it.
+        """
+        lineage = self.lineage_dir
+        if lineage is None or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+            return self.lineage
+        return f"/proc/{os.getpid()}/fd/{lineage.fd}"
+
+    @property
+    def logs(self) -> str:
+        return f"{self.anchor}/logs"
+
+    def shown(self, path: str) -> str:
+        """A path for messages: the lineage's real path instead of its fd anchor."""
+        return real_path(path)
 
     # --- reading what was published ----------------------------------------
     def generations(self) -> list[Generation]:
-        """Published generations, newest first: the pointer plus every manifest found."""
+        """Published generations, newest first: the pointer plus every manifest found.
+
+        A symlink named like a generation is listed too, so that verify says what
+        it is; anything else of that name (a FIFO, a file) is not a generation.
+        """
+        lineage = self.lineage_dir
+        if lineage is None:
+            return []
         numbers: set[int] = set()
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(self.lineage):
-                match = _GENERATION.match(entry)
-                if match and os.path.exists(os.path.join(self.lineage, entry, MANIFEST)):
-                    numbers.add(int(match.group(1)))
+        try:
+            entries = lineage.entries()
+        except OSError:
+            entries = []
+        for entry in entries:
+            match = _GENERATION.match(entry.name)
+            if match and (entry.kind == "symlink" or (entry.kind == "dir" and self._has_manifest(entry.name))):
+                numbers.add(int(match.group(1)))
         pointed = self._pointer()
-        if pointed is not None and os.path.exists(os.path.join(self.lineage, generation_name(pointed), MANIFEST)):
-            numbers.add(pointed)
-        return [Generation(n, os.path.join(self.lineage, generation_name(n))) for n in sorted(numbers, reverse=True)]
+        if pointed is not None and self._has_manifest(generation_name(pointed)):
+            numbers.add(pointed)  # a listing may be stale on NFS: the pointer is a hint, checked here
+        return [self._generation(n) for n in sorted(numbers, reverse=True)]
+
+    def _generation(self, number: int) -> Generation:
+        return Generation(number, f"{self.anchor}/{generation_name(number)}", self.lineage_dir)
+
+    def _has_manifest(self, name: str) -> bool:
+        lineage = self.lineage_dir
+        try:
+            with lineage.subdir(name) as generation:  # type: ignore[union-attr]
+                return generation.exists(MANIFEST)
+        except (OSError, VolumeRefusal, AttributeError):
+            return False
 
     def named(self, name: str) -> Generation:
         """The generation called `name` (gen-NNNNNNNN) in this lineage, published or not."""
         match = _GENERATION.match(name)
         if match is None:
             raise ValueError(f"not a generation name: {name!r}")
-        return Generation(int(match.group(1)), os.path.join(self.lineage, name))
+        return self._generation(int(match.group(1)))
 
     def _pointer(self) -> int | None:
-        try:
-            with open(os.path.join(self.lineage, POINTER)) as handle:
-                match = _GENERATION.match(handle.read().strip())
-        except OSError:
+        lineage = self.lineage_dir
+        if lineage is None:
             return None
+        try:
+            text = lineage.read_bytes(POINTER, _POINTER_LIMIT).decode("ascii", "replace").strip()
+        except (OSError, VolumeRefusal):
+            return None
+        match = _GENERATION.match(text)
         return int(match.group(1)) if match else None
 
     def newest_number(self) -> int:
-        """The highest generation number ever used (published or pointed to)."""
-        gens = self.generations()
-        return max([g.number for g in gens] + [self._pointer() or 0])
+        """The highest generation number ever used: published, or remembered by the pointer.
+
+        The pointer keeps numbers from being reused after generations were
+        deleted; one that leaves no number after it (gen-99999999, written by
+        somebody else) is not believed.
+        """
+        pointed = self._pointer() or 0
+        return max([g.number for g in self.generations()] + [pointed if pointed < MAX_GENERATION else 0])
 
     # --- writing a generation ----------------------------------------------
+    def _require_lineage(self) -> Directory:
+        lineage = self.lineage_dir
+        if lineage is None:
+            self.open()
+            lineage = self.lineage_dir
+        assert lineage is not None
+        return lineage
+
     @contextlib.contextmanager
     def staging(self) -> Iterator[Staging]:
         """A fresh staging directory; removed on any failure."""
         host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
-        path = os.path.join(self.lineage, f"{_STAGING_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(6)}")
+        name = f"{_STAGING_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(6)}"
         try:
-            os.makedirs(self.lineage, mode=0o700, exist_ok=True)
-            os.mkdir(path, 0o700)
+            lineage = self._require_lineage()
+            lineage.create_subdir(name, 0o700).close()
+        except VolumeRefusal as refusal:
+            raise StoreError(refusal.message) from refusal
         except OSError as error:
-            raise StoreError(_describe_os_error(error, self.lineage)) from error
-        staging = Staging(path)
+            raise StoreError(describe_os_error(error, self.lineage)) from error
+        staging = Staging(f"{self.anchor}/{name}", name)
         try:
             yield staging
         except BaseException:
@@ -556,7 +684,10 @@ class Store:
             raise
 
     def discard(self, staging: Staging) -> None:
-        shutil.rmtree(staging.path, ignore_errors=True)
+        lineage = self.lineage_dir
+        if lineage is not None:
+            with contextlib.suppress(OSError, VolumeRefusal):
+                lineage.remove_tree(staging.name)
 
     def publish(
         self,
@@ -572,43 +703,51 @@ class Store:
         raises, nothing is published and the staging directory is removed.
         `parent` is the generation an incremental dump's `parent` link points to.
         """
+        lineage = self._require_lineage()
         try:
-            files = self._hash_tree(staging.path, hashed or {}, parent)
-            if parent is not None:
-                metadata = {**metadata, "parent": {"generation": parent.name,
-                                                   "manifest_sha256": hash_file(parent.manifest_path)[1]}}
-            number = self.newest_number() + 1
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "created_unix": time.time(),
-                "lineage": self.name,
-                "source": identity(),
-                "kernel": os.uname().release,
-                "machine": os.uname().machine,
-                **metadata,
-                "files": files,
-            }
-            while True:
-                manifest["generation"] = number
-                if self.signing_key is not None:
-                    manifest["signature"] = {"algorithm": "hmac-sha256", "value": sign(manifest, self.signing_key)}
-                _write_json_atomically(os.path.join(staging.path, MANIFEST), manifest)
-                _fsync_path(staging.path, directory=True)
-                if before_rename is not None:
-                    before_rename()
-                target = os.path.join(self.lineage, generation_name(number))
-                try:
-                    os.rename(staging.path, target)
-                    break
-                except OSError as error:
-                    # Another writer took this number first (rename onto a non-empty dir).
-                    if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
-                    number += 1
-        except OSError as error:
+            with lineage.subdir(staging.name) as own:
+                files = self._hash_tree(own, staging.path, hashed or {}, parent)
+                if parent is not None:
+                    metadata = {**metadata, "parent": {"generation": parent.name,
+                                                       "manifest_sha256": hashlib.sha256(
+                                                           parent.read_bytes(MANIFEST, MANIFEST_LIMIT)).hexdigest()}}
+                number = self.newest_number() + 1
+                manifest = {
+                    "format_version": FORMAT_VERSION,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "created_unix": time.time(),
+                    "lineage": self.name,
+                    "source": identity(),
+                    "kernel": os.uname().release,
+                    "machine": os.uname().machine,
+                    **metadata,
+                    "files": files,
+                }
+                while True:
+                    if number > MAX_GENERATION:
+                        raise StoreError(f"no generation number is left after {generation_name(number - 1)} in "
+                                         f"{self.lineage}: remove that generation (written by somebody else?)")
+                    manifest["generation"] = number
+                    if self.signing_key is not None:
+                        manifest["signature"] = {"algorithm": "hmac-sha256", "value": sign(manifest, self.signing_key)}
+                    own.write_atomically(MANIFEST, _json_bytes(manifest))
+                    own.fsync()
+                    if before_rename is not None:
+                        before_rename()
+                    try:
+                        lineage.rename(staging.name, lineage, generation_name(number))
+                        break
+                    except OSError as error:
+                        # Another writer took this number first (rename onto a non-empty dir), or
+                        # something else sits at that name (ENOTDIR): never replaced, the next number.
+                        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                            raise
+                        number += 1
+        except (OSError, ValueError) as error:
             self.discard(staging)
-            raise StoreError(_describe_os_error(error, staging.path)) from error
+            if isinstance(error, OSError):
+                raise StoreError(describe_os_error(error, self.shown(staging.path))) from error
+            raise StoreError(f"cannot publish: {error}") from error
         except BaseException:
             self.discard(staging)
             raise
@@ -617,47 +756,52 @@ class Store:
         # caller believe the checkpoint failed (it would then stop the app and the
         # replacement would restore the state from before that stop).
         try:
-            _fsync_path(self.lineage, directory=True)
+            lineage.fsync()
             self._write_pointer(number)
-        except OSError as error:
-            log.warning("%s published, but updating the lineage afterwards failed: %s", generation_name(number),
-                        _describe_os_error(error, self.lineage))
-        return Generation(number, target)
+        except (OSError, VolumeRefusal) as error:
+            reason = error.message if isinstance(error, VolumeRefusal) else describe_os_error(error, self.lineage)
+            log.warning("%s published, but updating the lineage afterwards failed: %s", generation_name(number), reason)
+        return self._generation(number)
 
     def _write_pointer(self, number: int) -> None:
         # Only ever move the pointer forward: a slow writer must not hide a newer generation.
-        if (self._pointer() or 0) >= number:
+        if number <= (self._pointer() or 0) < MAX_GENERATION:
             return
-        write_atomically(os.path.join(self.lineage, POINTER), generation_name(number) + "\n")
-        _fsync_path(self.lineage, directory=True)
+        lineage = self._require_lineage()
+        lineage.write_atomically(POINTER, (generation_name(number) + "\n").encode())
+        lineage.fsync()
 
     def _hash_tree(
-        self, directory: str, hashed: dict[str, dict[str, Any]], parent: Generation | None = None
+        self, directory: Directory, path: str, hashed: dict[str, dict[str, Any]], parent: Generation | None = None
     ) -> dict[str, dict[str, Any]]:
         """Manifest entries (size, sha256 or chunk digests) of every file, fsynced.
 
         `hashed` holds entries computed while CRIU wrote; a file whose size
         changed since is hashed again.
         """
-        names = sorted(os.listdir(directory))
+        entries = directory.entries()
+        names = sorted(entry.name for entry in entries)
         if parent is not None:
-            if not _is_parent_link(os.path.join(directory, PARENT_LINK), parent.name):
+            if not _is_parent_link(directory, parent.name):
                 raise StoreError(f"an incremental checkpoint lacks its link to {parent.name}")
             names.remove(PARENT_LINK)
+        kinds = {entry.name: entry.kind for entry in entries}
         for name in names:
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path) or os.path.islink(path):
+            if kinds[name] != "file":
                 raise StoreError(f"unexpected non-file {name!r} in a checkpoint")
-            os.chmod(path, 0o600)  # CRIU writes 0644; checkpoints hold secrets
+            directory.chmod(name, 0o600)  # CRIU writes 0644; checkpoints hold secrets
 
         def entry(name: str) -> dict[str, Any]:
-            path = os.path.join(directory, name)
-            if name in hashed and hashed[name]["size"] == os.stat(path).st_size:
-                _fsync_path(path)
+            fd = directory.open_file(name)
+            if name in hashed and hashed[name]["size"] == os.fstat(fd).st_size:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 return hashed[name]
             if is_page_image(name):
-                return page_entry(*hash_chunks(path, fsync=True))
-            size, sha = hash_file(path, fsync=True)
+                return page_entry(*hash_chunks(os.path.join(path, name), fsync=True, fd=fd))
+            size, sha = hash_file(os.path.join(path, name), fsync=True, fd=fd)
             return {"size": size, "sha256": sha}
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -694,31 +838,34 @@ class Store:
         bytes, so that what is verified next is what the hash was taken of.
         """
         record = manifest.get("parent")
-        link = os.path.join(generation.path, PARENT_LINK)
         if record is None:
             return None
         name = record.get("generation") if isinstance(record, dict) else None
         match = _GENERATION.match(name) if isinstance(name, str) else None
         if match is None or not isinstance(name, str) or int(match.group(1)) >= generation.number:
-            raise VerificationFailed(f"{generation.name}: manifest names a malformed parent {record!r}")
-        if not _is_parent_link(link, name):
+            raise VerificationFailed(f"{generation.name}: manifest names a malformed parent {record!r:.100}")
+        try:
+            with generation.directory() as own:
+                linked = _is_parent_link(own, name)
+        except (OSError, VolumeRefusal):
+            linked = False
+        if not linked:
             raise VerificationFailed(f"{generation.name}: its link to the parent {name} is missing or wrong")
         parent = self.named(name)
         try:
-            with open(parent.manifest_path, "rb") as handle:
-                raw = handle.read()
-        except OSError as error:
+            raw = parent.read_bytes(MANIFEST, MANIFEST_LIMIT)
+        except (OSError, ValueError) as error:
             raise VerificationFailed(f"{generation.name}: its parent {name}, which holds its unchanged pages, "
-                                     f"is missing ({error.strerror})") from error
+                                     f"is missing or unreadable ({_reason(error)})") from error
         if hashlib.sha256(raw).hexdigest() != record.get("manifest_sha256"):
             raise VerificationFailed(f"{generation.name}: its parent {name} is not the checkpoint it was dumped "
                                      "against (the parent's manifest changed)")
         try:
-            parent_manifest = json.loads(raw)
-        except ValueError as error:
-            raise VerificationFailed(f"{name}: manifest unreadable: {error}", generation=name) from error
-        if not isinstance(parent_manifest, dict):
-            raise VerificationFailed(f"{name}: manifest unreadable: not a JSON object", generation=name)
+            parent_manifest = parse_json_object(raw, f"{name}/{MANIFEST}")
+        except VolumeRefusal as refusal:
+            raise VerificationFailed(f"{name}: manifest unreadable: {refusal.message}", generation=name) from refusal
+        with _at_fault(parent):
+            check_manifest(name, parent_manifest)
         return parent, parent_manifest
 
     def verify_pages(self, generation: Generation, manifest: dict[str, Any], workers: int = 1) -> None:
@@ -728,10 +875,10 @@ class Store:
         """
         members = [(generation, manifest), *filter(None, [self.parent_of(generation, manifest)])]
         for member, member_manifest in members:
-            with _at_fault(member):
+            with _at_fault(member), _opened(member) as own:
                 for name, expected in member_manifest["files"].items():
                     if is_page_image(name):
-                        self._verify_file(member, name, expected, workers=workers)
+                        self._verify_file(member, own, name, expected, workers=workers)
 
     def memory_bytes(self, generation: Generation, manifest: dict[str, Any]) -> int:
         """Bytes of page images a restore reads (uncompressed), the parent's included."""
@@ -749,40 +896,46 @@ class Store:
         self, generation: Generation, local_criu_version: str | None, defer_pages: bool,
         manifest: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        if os.path.islink(generation.path):
-            raise VerificationFailed(f"{generation.name} is a symlink")
-        if manifest is None:
+        with _opened(generation) as own:
+            if manifest is None:
+                try:
+                    raw = own.read_bytes(MANIFEST, MANIFEST_LIMIT)
+                    manifest = parse_json_object(raw, f"{generation.name}/{MANIFEST}")
+                except (OSError, VolumeRefusal) as error:
+                    raise VerificationFailed(f"{generation.name}: manifest unreadable: {_reason(error)}") from error
+                check_manifest(generation.name, manifest)
+            self._check_signature(generation, manifest)
+            if manifest["format_version"] not in _READABLE_FORMATS:
+                raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest['format_version']!r} "
+                                         "(written by a newer criu-supervisor?)", here_only=True)
+            if manifest["generation"] != generation.number:
+                raise VerificationFailed(f"{generation.name}: manifest names generation {manifest['generation']!r}")
+            if manifest["format_version"] >= 3 and manifest.get("lineage") != self.name:
+                made_for = repr(manifest.get("lineage"))[:80]
+                raise VerificationFailed(f"{generation.name}: it was made for the lineage {made_for}, "
+                                         f"not {self.name!r} (copied from another app's checkpoints?)")
+            if manifest["machine"] != os.uname().machine:
+                raise VerificationFailed(
+                    f"{generation.name}: made on {manifest['machine']!r:.40}, this machine is {os.uname().machine}",
+                    here_only=True,
+                )
+            if local_criu_version is not None:
+                self._check_criu_version(generation, manifest.get("criu_version") or "", local_criu_version)
+            files = manifest["files"]
+            if not files:
+                raise VerificationFailed(f"{generation.name}: manifest lists no files")
             try:
-                manifest = generation.read_json(MANIFEST)
-            except (OSError, ValueError) as error:
-                raise VerificationFailed(f"{generation.name}: manifest unreadable: {error}") from error
-        self._check_signature(generation, manifest)
-        if manifest.get("format_version") not in _READABLE_FORMATS:
-            raise VerificationFailed(f"{generation.name}: unknown manifest format {manifest.get('format_version')!r} "
-                                     "(written by a newer criu-supervisor?)", here_only=True)
-        if manifest.get("generation") != generation.number:
-            raise VerificationFailed(f"{generation.name}: manifest names generation {manifest.get('generation')!r}")
-        if manifest["format_version"] >= 3 and manifest.get("lineage") != self.name:
-            raise VerificationFailed(f"{generation.name}: it was made for the lineage {manifest.get('lineage')!r}, "
-                                     f"not {self.name!r} (copied from another app's checkpoints?)")
-        if manifest.get("machine") != os.uname().machine:
-            raise VerificationFailed(
-                f"{generation.name}: made on {manifest.get('machine')}, this machine is {os.uname().machine}",
-                here_only=True,
-            )
-        if local_criu_version is not None:
-            self._check_criu_version(generation, str(manifest.get("criu_version", "")), local_criu_version)
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not files:
-            raise VerificationFailed(f"{generation.name}: manifest lists no files")
-        present = set(os.listdir(generation.path)) - _BOOKKEEPING
-        if manifest.get("parent") is not None:
-            present.discard(PARENT_LINK)  # checked by parent_of
-        unexpected = sorted(present - set(files))
-        if unexpected:
-            raise VerificationFailed(f"{generation.name}: files not in the manifest: {', '.join(unexpected[:5])}")
-        for name, expected in files.items():
-            self._verify_file(generation, name, expected, hash_it=not (defer_pages and is_page_image(name)))
+                present = {entry.name for entry in own.entries()} - _BOOKKEEPING
+            except OSError as error:
+                raise VerificationFailed(f"{generation.name}: cannot list it ({error.strerror})") from error
+            if manifest.get("parent") is not None:
+                present.discard(PARENT_LINK)  # checked by parent_of
+            unexpected = sorted(present - set(files))
+            if unexpected:
+                raise VerificationFailed(f"{generation.name}: files not in the manifest: "
+                                         f"{', '.join(shown(name) for name in unexpected[:5])}")
+            for name, expected in files.items():
+                self._verify_file(generation, own, name, expected, hash_it=not (defer_pages and is_page_image(name)))
         return manifest
 
     def _check_signature(self, generation: Generation, manifest: dict[str, Any]) -> None:
@@ -795,8 +948,9 @@ class Store:
             raise VerificationFailed(f"{generation.name}: the manifest's signature is wrong (tampered, or another key)")
 
     def free_bytes(self) -> int | None:
+        lineage = self.lineage_dir
         try:
-            info = os.statvfs(self.lineage)
+            info = os.fstatvfs(lineage.fd) if lineage is not None else os.statvfs(self.root)
         except OSError:
             return None
         return info.f_bavail * info.f_frsize
@@ -805,48 +959,43 @@ class Store:
     def _check_criu_version(generation: Generation, dumped: str, local: str) -> None:
         from supervisor_pkg.criu import version_tuple
 
-        if not dumped:
+        if not dumped or not version_tuple(dumped):
             raise VerificationFailed(f"{generation.name}: manifest does not record the CRIU version")
         if version_tuple(local)[:2] < version_tuple(dumped)[:2]:
             raise VerificationFailed(
-                f"{generation.name}: dumped by CRIU {dumped}, but this image has CRIU {local}; "
+                f"{generation.name}: dumped by CRIU {dumped:.20}, but this image has CRIU {local}; "
                 "restore needs the same or a newer CRIU",
                 here_only=True,
             )
 
     @staticmethod
     def _verify_file(
-        generation: Generation, name: str, expected: Any, hash_it: bool = True, workers: int = ALL_CORES
+        generation: Generation, directory: Directory, name: str, expected: Any, hash_it: bool = True,
+        workers: int = ALL_CORES,
     ) -> None:
-        if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or name in _BOOKKEEPING:
-            raise VerificationFailed(f"{generation.name}: manifest names an unsafe path {name!r}")
-        if not isinstance(expected, dict):
-            raise VerificationFailed(f"{generation.name}: manifest entry for {name} is malformed")
-        path = os.path.join(generation.path, name)
         try:
-            info = os.lstat(path)
-        except OSError as error:
+            info = directory.lstat(name)
+        except FileNotFoundError as error:
             raise VerificationFailed(f"{generation.name}: {name} is missing ({error.strerror})") from error
-        if not os.path.isfile(path) or os.path.islink(path):
+        except (OSError, VolumeRefusal) as error:
+            raise VerificationFailed(f"{generation.name}: {name} is unreadable ({_reason(error)})") from error
+        if not stat.S_ISREG(info.st_mode):
             raise VerificationFailed(f"{generation.name}: {name} is not a regular file")
-        if info.st_size != expected.get("size"):
+        if info.st_size != expected["size"]:
             raise VerificationFailed(
-                f"{generation.name}: {name} is {info.st_size} bytes, "
-                f"the manifest says {expected.get('size')} (truncated?)"
+                f"{generation.name}: {name} is {info.st_size} bytes, the manifest says {expected['size']} (truncated?)"
             )
-        chunk_size = expected.get("chunk_size")
-        if "chunks" in expected and not (isinstance(chunk_size, int) and chunk_size >= 4096):
-            raise VerificationFailed(f"{generation.name}: manifest entry for {name} has a bad chunk size")
         if not hash_it:
             return
         try:
+            fd = directory.open_file(name)
             if "chunks" in expected:
-                _, chunks = hash_chunks(path, chunk_size, workers=workers)
+                _, chunks = hash_chunks(name, expected["chunk_size"], workers=workers, fd=fd)
                 matches = chunks == expected["chunks"]
             else:
-                matches = hash_file(path)[1] == expected.get("sha256")
-        except OSError as error:
-            raise VerificationFailed(f"{generation.name}: {name} is unreadable ({error.strerror})") from error
+                matches = hash_file(name, fd=fd)[1] == expected["sha256"]
+        except (OSError, VolumeRefusal) as error:
+            raise VerificationFailed(f"{generation.name}: {name} is unreadable ({_reason(error)})") from error
         if not matches:
             raise VerificationFailed(f"{generation.name}: {name} does not match its sha256 (corrupted or tampered)")
 
@@ -873,7 +1022,7 @@ class Store:
             earlier = None
         source = identity()
         claim = Claim(lease=lease_token, host=source["host"], container_id=source["container_id"], time=time.time(),
-                      attempt=(earlier.attempt + 1) if earlier else 1)
+                      attempt=min((earlier.attempt + 1) if earlier else 1, 1_000_000))
         self._write_claim(generation, claim)
         return claim
 
@@ -890,27 +1039,27 @@ class Store:
 
     def _write_claim(self, generation: Generation, claim: Claim) -> None:
         try:
-            _write_json_atomically(os.path.join(generation.path, CLAIM), dataclasses.asdict(claim))
+            generation.write_json(CLAIM, dataclasses.asdict(claim))
+        except VolumeRefusal as refusal:
+            raise StoreError(f"cannot claim {generation.name}: {refusal.message}") from refusal
         except OSError as error:
-            raise StoreError(f"cannot claim {generation.name}: {_describe_os_error(error, generation.path)}") from error
+            raise StoreError(f"cannot claim {generation.name}: "
+                             f"{describe_os_error(error, self.shown(generation.path))}") from error
 
     def note(self, generation: Generation, filename: str, reason: str) -> None:
         """Record why a generation was not restored here, without condemning it (APP_CHANGED, INCOMPATIBLE)."""
         assert filename in (APP_CHANGED, INCOMPATIBLE)
-        with contextlib.suppress(OSError):
-            _write_json_atomically(os.path.join(generation.path, filename),
-                                   {"reason": reason, "time": time.time(), **identity()})
+        with contextlib.suppress(OSError, VolumeRefusal):
+            generation.write_json(filename, {"reason": reason, "time": time.time(), **identity()})
 
     def reject(self, generation: Generation, reason: str, culprit: str | None = None) -> None:
         """Record on the volume why this generation must never be restored.
 
         `culprit`: another generation at fault (an incremental one's parent), rejected with it.
         """
-        with contextlib.suppress(OSError):
-            _write_json_atomically(
-                os.path.join(generation.path, REJECTED), {"reason": reason, "time": time.time(), **identity()}
-            )
-        if culprit not in (None, generation.name):
+        with contextlib.suppress(OSError, VolumeRefusal):
+            generation.write_json(REJECTED, {"reason": reason, "time": time.time(), **identity()})
+        if culprit not in (None, generation.name) and isinstance(culprit, str) and _GENERATION.match(culprit):
             self.reject(self.named(culprit), f"as the parent of {generation.name}: {reason}")
 
     # --- retention -----------------------------------------------------------
@@ -921,6 +1070,9 @@ class Store:
         removed: list[str] = []
         usable = 0
         needed: set[int] = set()  # parents of generations that stay
+        lineage = self.lineage_dir
+        if lineage is None:
+            return []
         for generation in self.generations():  # newest first, so a child comes before its parent
             kept = generation.number in protect or generation.number in needed
             if not generation.rejected:
@@ -929,8 +1081,9 @@ class Store:
             if kept or self._restore_in_progress(generation):
                 needed |= self._parent_number(generation)
                 continue
-            shutil.rmtree(generation.path, ignore_errors=True)
-            removed.append(generation.name)
+            with contextlib.suppress(OSError, VolumeRefusal):
+                if lineage.remove_tree(generation.name):
+                    removed.append(generation.name)
         removed += self.clean_stale_staging()
         return removed
 
@@ -955,20 +1108,135 @@ class Store:
         return claim is not None and claim.resumed is None and time.time() - claim.time < window
 
     def clean_stale_staging(self, older_than: float = 3600.0) -> list[str]:
-        """Remove staging dirs of crashed writers; skip NFS silly-rename files (.nfsXXXX)."""
+        """Remove staging dirs of crashed writers, never through a symlink; skip NFS silly-rename files."""
+        lineage = self.lineage_dir
+        if lineage is None:
+            return []
         removed = []
         now = time.time()
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(self.lineage):
-                if not entry.startswith(_STAGING_PREFIX):
+        try:
+            entries = lineage.entries()
+        except OSError:
+            return []
+        for entry in entries:
+            if not entry.name.startswith(_STAGING_PREFIX):
+                continue
+            with contextlib.suppress(OSError, VolumeRefusal):
+                if now - lineage.lstat(entry.name).st_mtime < older_than:
                     continue
-                path = os.path.join(self.lineage, entry)
-                with contextlib.suppress(OSError):
-                    if now - os.stat(path).st_mtime < older_than:
-                        continue
-                    for inner in os.listdir(path):
-                        if not inner.startswith(".nfs"):
-                            os.unlink(os.path.join(path, inner))
-                    os.rmdir(path)  # fails while an .nfsXXXX file is still there; retried next time
-                    removed.append(entry)
+                # A symlink named like a staging dir: only the link goes. A .nfsXXXX file inside keeps
+                # the directory until the next clean-up (remove_tree leaves it, and says so).
+                if lineage.remove_tree(entry.name):
+                    removed.append(entry.name)
         return removed
+
+
+@contextlib.contextmanager
+def _opened(generation: Generation) -> Iterator[Directory]:
+    """The generation's directory, or VerificationFailed naming what is there instead."""
+    try:
+        context = generation.directory()
+        own = context.__enter__()
+    except FileNotFoundError as error:
+        raise VerificationFailed(f"{generation.name} is missing") from error
+    except (OSError, VolumeRefusal) as error:
+        raise VerificationFailed(f"{generation.name}: {_reason(error)}") from error
+    try:
+        yield own
+    finally:
+        context.__exit__(None, None, None)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, VolumeRefusal):
+        return error.message
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)
+
+
+def _is_hex(value: Any, length: int = 64) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_manifest(name: str, manifest: dict[str, Any]) -> None:
+    """Every field the supervisor reads has its type: VerificationFailed naming the first that has not.
+
+    A manifest comes from the shared volume: after this check, the code that
+    reads it (verification, the restore flow, compression, `list`) cannot trip
+    over a value of the wrong kind, signing key or not.
+    """
+
+    def need(condition: bool, what: str) -> None:
+        if not condition:
+            raise VerificationFailed(f"{name}: manifest is malformed: {what}")
+
+    def optional(key: str, kind: type | tuple[type, ...]) -> None:
+        need(manifest.get(key) is None or isinstance(manifest.get(key), kind), f"{key!r} has the wrong type")
+
+    need(_is_int(manifest.get("format_version")), "no format_version")
+    if manifest["format_version"] not in _READABLE_FORMATS:
+        return  # a newer format: refused here_only, by the caller, without judging its fields
+    need(_is_int(manifest.get("generation")), "no generation number")
+    for key in ("created", "kernel", "machine"):
+        need(isinstance(manifest.get(key), str), f"{key!r} is not a string")
+    optional("criu_version", str)
+    need(isinstance(manifest.get("created_unix"), (int, float)) and not isinstance(manifest.get("created_unix"), bool),
+         "'created_unix' is not a number")
+    if manifest["format_version"] >= 3:
+        need(isinstance(manifest.get("lineage"), str), "'lineage' is not a string")
+    for key in ("lineage", "restored_from"):
+        optional(key, str)
+    for key in ("source", "stats", "signature", "app", "parent", "compression"):
+        optional(key, dict)
+    for key, value in (manifest.get("source") or {}).items():
+        need(value is None or isinstance(value, str), f"source.{key} is not a string")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise VerificationFailed(f"{name}: manifest is malformed: 'files' is not an object")
+    for file_name, entry in files.items():
+        need(isinstance(file_name, str) and "/" not in file_name and "\0" not in file_name
+             and file_name not in ("", ".", "..") and file_name not in _BOOKKEEPING,
+             f"it names an unsafe path {file_name!r:.80}")
+        need(isinstance(entry, dict) and _is_int(entry.get("size")) and entry["size"] >= 0,
+             f"manifest entry for {file_name} is malformed")
+        if "chunks" in entry:
+            chunk_size, chunks = entry.get("chunk_size"), entry.get("chunks")
+            need(_is_int(chunk_size) and chunk_size >= 4096, f"manifest entry for {file_name} has a bad chunk size")
+            need(isinstance(chunks, list) and all(_is_hex(c) for c in chunks)
+                 and len(chunks) == -(-entry["size"] // chunk_size), f"the entry of {file_name} has bad chunk hashes")
+        else:
+            need(_is_hex(entry.get("sha256")), f"the entry of {file_name} has no sha256")
+    app = manifest.get("app") or {}
+    stdio = app.get("stdio", {})
+    need(isinstance(stdio, dict) and all(k in ("0", "1", "2") and isinstance(v, str) for k, v in stdio.items()),
+         "'app.stdio' is not a map of fds 0-2 to strings")
+    command = app.get("command")
+    need(command is None or (isinstance(command, list) and all(isinstance(part, str) for part in command)),
+         "'app.command' is not a list of strings")
+    need(app.get("version") is None or isinstance(app.get("version"), str), "'app.version' is not a string")
+    need(isinstance(app.get("own_mount_namespace", False), bool), "'app.own_mount_namespace' is not a boolean")
+    app_files = app.get("files", {})
+    need(isinstance(app_files, dict) and all(
+        isinstance(path, str) and isinstance(print_, dict) and _is_int(print_.get("size"))
+        and _is_int(print_.get("mtime_ns")) and _is_hex(print_.get("sha256"))
+        for path, print_ in app_files.items()), "'app.files' is not a map of paths to fingerprints")
+    ports = app.get("listening_ports", [])
+    need(isinstance(ports, list) and all(_is_int(port) for port in ports), "'app.listening_ports' is not a list")
+    parent = manifest.get("parent")
+    if parent is not None:
+        need(isinstance(parent.get("generation"), str) and isinstance(parent.get("manifest_sha256", ""), str),
+             "'parent' is malformed")
+    compression = manifest.get("compression")
+    if compression is not None:
+        need(compression.get("algorithm") in ("zstd", "lz4"), "'compression.algorithm' is unknown")
+        pages = compression.get("pages")
+        need(isinstance(pages, dict), "'compression.pages' is not an object")
+        for packed, record in pages.items():
+            need(packed in files and isinstance(record, dict) and is_page_image(str(record.get("raw_name")))
+                 and _is_int(record.get("raw_size")) and record["raw_size"] >= 0,
+                 f"'compression.pages' entry {packed!r:.80} is malformed")

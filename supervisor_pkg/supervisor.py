@@ -37,6 +37,7 @@ from supervisor_pkg.errors import (
     CannotRestoreHere,
     ConfigError,
     DumpFailed,
+    EnvironmentProblem,
     LazyRestoreCorrupt,
     RestoreRequired,
     StoppedDuringRestore,
@@ -173,16 +174,19 @@ class Supervisor:
 
     def take_lease(self) -> None:
         """Own the lineage before touching it: wait for a handoff, or take over a dead holder's lease."""
+        # An app whose checkpoints cannot work must not run as if they could: a volume that is read-only,
+        # full, missing or not a directory of ours at start is exit 4, before anything is started.
         try:
             self.store.open()
+            assert self.store.lineage_dir is not None  # open() succeeded
+            self.lease = Lease(self.store.lineage_dir, identity(), interval=self.config.lease_interval,
+                               timeout=self.config.lease_timeout)
+            how = self.lease.acquire(self.config.handoff_timeout, self._stop_requested_within)
         except StoreError as error:
-            self.volume_problem = error.message
-            log.warning("running without a lease, and checkpoints will fail: %s", error.message)
-            return
-        self.lease = Lease(
-            self.store.lineage, identity(), interval=self.config.lease_interval, timeout=self.config.lease_timeout
-        )
-        how = self.lease.acquire(self.config.handoff_timeout, self._stop_requested_within)
+            self.lease = None
+            self._transition(State.EXITING)
+            raise EnvironmentProblem(f"the checkpoint volume {self.config.dir} cannot be used: {error.message}. "
+                                     "Nothing was started (checkpoints could not work)") from error
         log.info("took the lease on %s (%s)", self.store.lineage, how)
         # We own the lineage now: a staging dir older than a lease timeout is a crashed writer's.
         stale = self.store.clean_stale_staging(older_than=self.config.lease_timeout)

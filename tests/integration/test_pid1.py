@@ -9,16 +9,14 @@ import pytest
 from dockerlib import BASE_IMAGE, TICKER_IMAGE, Docker, sleep_until
 
 
-def test_read_only_volume_falls_back_to_the_apps_graceful_stop(engine: Docker) -> None:
+def test_a_read_only_volume_at_start_exits_4_before_starting_anything(engine: Docker) -> None:
     volume = engine.volume()
-    app = engine.run(TICKER_IMAGE, volume=volume, read_only_volume=True,
-                     env={"TICK_INTERVAL": "0.1", "TICKER_EXIT_CODE": "7"})
-    app.wait_log(r"tick 3\n")
-    assert app.stop() == 7  # the app's own exit code passes through
+    app = engine.run(TICKER_IMAGE, volume=volume, read_only_volume=True, env={"TICK_INTERVAL": "0.1"})
+    assert app.wait_exit(timeout=60) == 4
     logs = app.logs()
-    assert re.search(r"ERROR: .*read-only.*mount CKPT_DIR read-write", logs), logs
-    assert "falling back to the app's own graceful stop" in logs
-    assert "graceful stop at tick" in logs
+    assert re.search(r"ERROR: the checkpoint volume /checkpoints cannot be used: .*read-only.*mount CKPT_DIR "
+                     r"read-write.*Nothing was started", logs), logs
+    assert "tick" not in app.stdout()
 
 
 @pytest.mark.parametrize("signal_name", ["INT", "HUP", "QUIT", "USR1", "USR2", "WINCH"])

@@ -66,7 +66,7 @@ def rewrite_manifest(generation: Generation, change: Callable[[dict[str, Any]], 
 def test_the_first_publish_makes_gen_00000001_with_a_manifest_of_sizes_and_hashes(store: Store) -> None:
     generation = publish(store)
     assert generation.name == "gen-00000001"
-    assert generation.path == os.path.join(store.lineage, "gen-00000001")
+    assert store.shown(generation.path) == os.path.join(store.lineage, "gen-00000001")
     manifest = json.loads(Path(generation.path, "manifest.json").read_text())
     assert manifest["generation"] == 1
     assert manifest["criu_version"] == CRIU_VERSION
@@ -161,7 +161,7 @@ def test_a_staging_block_that_raises_removes_its_directory(store: Store) -> None
 def test_a_failing_volume_at_publish_raises_store_error_and_leaves_no_staging_dir(
     store: Store, monkeypatch: pytest.MonkeyPatch, failure: int, words: str
 ) -> None:
-    def failing_rename(source: str, target: str) -> None:
+    def failing_rename(source: str, target: str, **dir_fds: int) -> None:
         raise OSError(failure, os.strerror(failure))
 
     with store.staging() as staging:

@@ -390,10 +390,10 @@ def test_a_final_checkpoint_kills_the_app_only_after_the_generation_is_published
 def _volume_full_when_publishing(world: CheckpointWorld, monkeypatch: pytest.MonkeyPatch) -> None:
     real_rename = os.rename
 
-    def rename(source: str, target: str) -> None:
+    def rename(source: str, target: str, **dir_fds: int) -> None:
         if os.path.basename(target).startswith("gen-"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_rename(source, target)
+        real_rename(source, target, **dir_fds)
 
     monkeypatch.setattr(os, "rename", rename)
 
