@@ -405,6 +405,10 @@ def restore(
             opts = _options(images_fd, work_fd, log_name, log_level)
             opts.rst_sibling = True  # the restored root becomes our child
             opts.notify_scripts = True  # so that we hold the tree at pre-resume
+            # Engines give the container's root directory other modes (Docker 0755, Podman 0555): CRIU
+            # would refuse "File . has bad mode 040555 (expect 040755)". Permission bits of the files the
+            # app has open say nothing about its state; their sizes (and build ids) are still checked.
+            opts.skip_file_rwx_check = True
             opts.lazy_pages = lazy  # pages come from a LazyPagesDaemon sharing log_dir
             if mount_namespace:
                 _carry_mount_namespace(opts)
@@ -774,8 +778,9 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
      "CRIU cannot ptrace the app (it runs as another user, or the host restricts ptrace with Yama); add "
      "--cap-add SYS_PTRACE"),
     (r"suspending seccomp failed",
-     "CRIU runs under a seccomp filter (Docker's default profile), so it cannot suspend the app's filters; add "
-     "--security-opt seccomp=unconfined"),
+     "CRIU runs under a seccomp filter (the engine's default profile: Docker's, Podman's, Kubernetes' "
+     "RuntimeDefault), so it cannot suspend the app's filters; run the container unconfined (docker/podman run "
+     "--security-opt seccomp=unconfined; Kubernetes securityContext.seccompProfile.type: Unconfined)"),
     (r"CRIU needs to have the CAP_SYS_ADMIN",
      "CRIU needs CAP_SYS_ADMIN; add --cap-add SYS_ADMIN"),
     (r"session leader is outside",

@@ -43,7 +43,7 @@ CLONE_NEWPID = 0x20000000
 
 def _unshare(flags: int) -> None:
     if hasattr(os, "unshare"):
-        _unshare(flags)
+        os.unshare(flags)
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     if libc.unshare(flags) != 0:
@@ -147,8 +147,46 @@ def _mount_own_proc() -> None:  # pragma: no cover - runs in the child
         raise OSError(ctypes.get_errno(), "cannot mount the app's /proc")
 
 
-def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, own_proc: bool = False) -> int:
-    """Start CMD under the namespace init; return the init's PID (in our namespace)."""
+# The capabilities every engine's default set grants: Podman's (containers.conf default_capabilities),
+# which Docker's and containerd's defaults contain. An app started with no more than these restores
+# under any of them (CKPT_PORTABLE_CAPS=1); CRIU cannot give a restored process a capability the
+# replacement's bounding set lacks.
+PORTABLE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETFCAP",
+                         "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT")
+_CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
+                    "SETPCAP": 8, "NET_BIND_SERVICE": 10, "SYS_CHROOT": 18, "SETFCAP": 31}
+_PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _keep_only_portable_capabilities() -> None:  # pragma: no cover - runs in the child
+    """Drop every capability outside PORTABLE_CAPABILITIES from this process's sets, bounding set included."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    keep = sum(1 << _CAPABILITY_BITS[name] for name in PORTABLE_CAPABILITIES)
+    with open("/proc/sys/kernel/cap_last_cap") as handle:
+        last = int(handle.read())
+    for bit in range(last + 1):
+        if not keep >> bit & 1 and libc.prctl(_PR_CAPBSET_DROP, bit, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot drop capability {bit} from the bounding set")
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    for index in range(6):  # {effective, permitted, inheritable} x 2 words
+        data[index] &= (keep >> (32 * (index // 3))) & 0xFFFFFFFF
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def spawn(
+    cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, own_proc: bool = False,
+    portable_caps: bool = False, environment: dict[str, str] | None = None,
+) -> int:
+    """Start CMD under the namespace init; return the init's PID (in our namespace).
+
+    `environment`: the app's environment (default: ours); `portable_caps`: see PORTABLE_CAPABILITIES.
+    """
     if deny_io_uring:
         check_io_uring_filter_available()
     init_argv = [*NAMESPACE_INIT, *cmd]
@@ -156,7 +194,8 @@ def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, o
     read_fd, write_fd = os.pipe()
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in the child
-        _middle_child(flags, init_argv, read_fd, write_fd, deny_io_uring, own_proc)
+        _middle_child(flags, init_argv, read_fd, write_fd, deny_io_uring, own_proc, portable_caps,
+                      dict(os.environ) if environment is None else environment)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         report = pipe.read().decode()
@@ -171,12 +210,13 @@ def spawn(cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, o
 
 
 def _middle_child(  # pragma: no cover - runs in the child
-    flags: int, init_argv: list[str], read_fd: int, write_fd: int, deny_io_uring: bool, own_proc: bool
+    flags: int, init_argv: list[str], read_fd: int, write_fd: int, deny_io_uring: bool, own_proc: bool,
+    portable_caps: bool, environment: dict[str, str],
 ) -> None:
     try:
         os.close(read_fd)
         signals.reset_in_child()
-        os.unshare(flags)  # type: ignore[attr-defined,unused-ignore]  # Python >= 3.12
+        _unshare(flags)
         init_pid = os.fork()
         if init_pid == 0:
             os.close(write_fd)
@@ -186,7 +226,9 @@ def _middle_child(  # pragma: no cover - runs in the child
                     _mount_own_proc()
                 if deny_io_uring:
                     _deny_io_uring()
-                os.execvp(init_argv[0], init_argv)
+                if portable_caps:  # after the filter: installing it needs CAP_SYS_ADMIN (no_new_privs is off)
+                    _keep_only_portable_capabilities()
+                os.execvpe(init_argv[0], init_argv, environment)
             except Exception as error:  # noqa: BLE001 - report, never return into the parent's code
                 print(f"criu-supervisor: cannot start {init_argv[0]}: {error}", file=sys.stderr)
                 os._exit(127)
