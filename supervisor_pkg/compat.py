@@ -13,7 +13,9 @@ Found here, rather than by CRIU half-way through a restore:
 - a seccomp filter on the supervisor: a restore might work, but no checkpoint
   of the app could ever be taken here again, so its state would be lost at the
   next stop;
-- a terminal: a checkpoint made on one (docker run -t) restores only onto one.
+- a terminal: a checkpoint made on one (docker run -t) restores only onto one;
+- the CPU: one without an instruction-set feature the app's CPU had (or its
+  CKPT_CPU_BASELINE's share of them) would crash the app with SIGILL (cpu.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from supervisor_pkg import doctor
+from supervisor_pkg import cpu, doctor
 
 # <linux/capability.h>, in bit order.
 CAPABILITY_NAMES = dict(enumerate((
@@ -115,6 +117,20 @@ def check_terminal(stdio: Any, isatty: Callable[[int], bool] = os.isatty) -> Inc
     return None
 
 
+def check_cpu(recorded: Any, here: Mapping[str, Any]) -> Incompatibility | None:
+    """The checkpoint's CPU record against this CPU (cpu.record())."""
+    lacking = cpu.missing(recorded, here)
+    if not lacking:
+        return None
+    assert isinstance(recorded, Mapping)
+    return Incompatibility(
+        f"this CPU, {cpu.describe(here)}, lacks {', '.join(lacking)}, which the app's CPU, {cpu.describe(recorded)}, "
+        "had and the app may use (it would die of SIGILL)",
+        "restore it on an instance type with those features; for a fleet of mixed CPUs start the app with "
+        "CKPT_CPU_BASELINE set to the lowest level among them (x86-64-v2, -v3 or -v4)",
+    )
+
+
 def load_core_entries(images_dir: str) -> list[dict[str, Any]]:
     """The first entry of every core-*.img (one per dumped thread), decoded by pycriu."""
     from supervisor_pkg import criu
@@ -128,13 +144,17 @@ def own_status() -> str:
         return handle.read()
 
 
-def problems(images_dir: str, manifest: Mapping[str, Any], status_text: str | None = None) -> list[Incompatibility]:
+def problems(
+    images_dir: str, manifest: Mapping[str, Any], status_text: str | None = None,
+    this_cpu: Mapping[str, Any] | None = None,
+) -> list[Incompatibility]:
     """Every reason this container cannot restore the verified checkpoint in `images_dir`."""
     status_text = own_status() if status_text is None else status_text
     app = manifest.get("app")
     found = [
         check_seccomp(status_text),
         check_terminal(app.get("stdio") if isinstance(app, Mapping) else None),
+        check_cpu(manifest.get("cpu"), cpu.record() if this_cpu is None else this_cpu),
         check_capabilities(dumped_capabilities(load_core_entries(images_dir)), status_text),
     ]
     return [problem for problem in found if problem is not None]

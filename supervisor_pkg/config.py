@@ -329,6 +329,17 @@ SETTINGS: tuple[Setting, ...] = (
             "1: the app gets its own mount namespace with a /proc of its own PID namespace, so files it opens "
             "under /proc/<pid>/ name the PIDs CRIU restores (they fail to restore otherwise). Docker's masks "
             "over /proc (kcore, keys, read-only sys...) are not re-applied inside it."),
+    Setting("CKPT_CPU_BASELINE", "native", _choice("native", "x86-64-v2", "x86-64-v3", "x86-64-v4"),
+            "native: the app uses what this CPU has, and its checkpoints restore on CPUs with at least those "
+            "features; x86-64-v2/v3/v4: a fresh app's glibc is kept to that level (GLIBC_TUNABLES, in the app's "
+            "environment only), so its checkpoints restore on every CPU of that level or above (see docs/cpu.md "
+            "for what a baseline cannot bound)."),
+    Setting("CKPT_PORTABLE_CAPS", "0", _toggle,
+            "1: the app is started with only the capabilities every replacement has: every engine's default set "
+            "(Podman's: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, NET_BIND_SERVICE, SETFCAP, SETGID, SETPCAP, "
+            "SETUID, SYS_CHROOT) plus the four CRIU needs (SYS_ADMIN, SYS_PTRACE, SYS_TIME, NET_ADMIN), so that it "
+            "restores under Docker, Podman and containerd defaults alike (it loses e.g. NET_RAW: no ping); 0: it "
+            "has the container's."),
     Setting("CKPT_METRICS_PORT", "0", _PORT,
             "Serve Prometheus metrics at http://CKPT_METRICS_ADDRESS:PORT/metrics (0: off). Not one of the app's "
             "own ports: one it listened on at its last checkpoint, or one in use, is refused."),
@@ -384,6 +395,8 @@ class Config:
     io_uring: str
     share_ipc: bool
     own_proc: bool
+    cpu_baseline: str
+    portable_caps: bool
     metrics_port: int
     metrics_address: str
     cannot_restore: str

@@ -140,12 +140,20 @@ def _rpc() -> Any:
     return _pycriu().rpc_pb2
 
 
+# CRIU's cpu_cap bits (criu/include/cr_options.h). IMAGE alone: the dump writes cpuinfo.img and the
+# restore reads it, with CRIU's own sanity checks, but neither FPU (exact XSAVE sizes: refuses a move
+# to a larger CPU) nor INS (refuses a CPU without ERMS, which is only a speed hint): what the app's
+# CPU needs is compared by the supervisor before CRIU runs (cpu.py), which accepts every richer CPU.
+CPU_CAP_IMAGE = 1 << 3
+
+
 def _options(images_fd: int, work_fd: int, log_name: str, log_level: int) -> Any:
     opts = _rpc().criu_opts(images_dir_fd=images_fd)
     opts.work_dir_fd = work_fd
     opts.log_file = log_name
     opts.log_level = log_level
     opts.ghost_limit = GHOST_LIMIT
+    opts.cpu_cap = CPU_CAP_IMAGE
     return opts
 
 

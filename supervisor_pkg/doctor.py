@@ -580,6 +580,24 @@ def check_init(pid: int, pid1_cmdline: str | None) -> Finding:
 _TERMINAL = re.compile(r"^/dev/(pts/\d+|tty\w*|console)$")
 
 
+def check_cpu(cpuinfo_text: str | None, baseline: str) -> Finding:
+    """Always OK: this CPU's x86-64 level, and what the app's checkpoints will need of a replacement's CPU."""
+    from supervisor_pkg import cpu
+
+    if not cpuinfo_text:
+        return _ok("cpu", "/proc/cpuinfo unreadable: the CPU is not recorded")
+    here = cpu.record(cpuinfo_text, baseline)
+    needs = sorted(cpu.required(here))
+    if baseline == "native":
+        detail = (f"this CPU is {cpu.describe(here)}; with CKPT_CPU_BASELINE=native the app's checkpoints need a "
+                  f"CPU with its {len(needs)} instruction-set features (set a baseline, e.g. x86-64-v3, for a fleet "
+                  "of mixed instance types)")
+    else:
+        detail = (f"this CPU is {cpu.describe(here)}; CKPT_CPU_BASELINE={baseline} keeps a fresh app's glibc to "
+                  f"{baseline}, so its checkpoints need a CPU with: {', '.join(needs)}")
+    return _ok("cpu", detail)
+
+
 def check_terminal(stdio_targets: Sequence[str | None]) -> Finding:
     """The container's stdin/stdout/stderr (PID 1's fds 0-2): pipes, or the runtime's terminal.
 
@@ -708,6 +726,7 @@ def run_checks(config: Any, host: Host | None = None) -> list[Finding]:
         findings.append(check_free_space(ckpt_dir, host.free_bytes(ckpt_dir), need, need_source,
                                          getattr(config, "compress", "none")))
 
+    findings.append(check_cpu(host.read("/proc/cpuinfo"), getattr(config, "cpu_baseline", "native")))
     findings.append(check_init(host.pid(), host.read("/proc/1/cmdline")))
     findings.append(check_terminal([host.readlink(f"/proc/1/fd/{fd}") for fd in (0, 1, 2)]))
     return findings

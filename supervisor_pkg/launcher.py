@@ -147,14 +147,18 @@ def _mount_own_proc() -> None:  # pragma: no cover - runs in the child
         raise OSError(ctypes.get_errno(), "cannot mount the app's /proc")
 
 
-# The capabilities every engine's default set grants: Podman's (containers.conf default_capabilities),
-# which Docker's and containerd's defaults contain. An app started with no more than these restores
-# under any of them (CKPT_PORTABLE_CAPS=1); CRIU cannot give a restored process a capability the
-# replacement's bounding set lacks.
+# What every replacement has, whatever its engine: the default set all engines share (Podman's,
+# containers.conf default_capabilities, which Docker's and containerd's contain), plus the four every
+# container of ours is given for CRIU. An app started with no more (CKPT_PORTABLE_CAPS=1) restores under
+# any engine's defaults: CRIU cannot give a restored process a capability the replacement lacks. The app
+# keeps SYS_ADMIN on purpose: CRIU's parasite refuses to dump a task without it whose /proc is the
+# container's ("can't dump unprivileged task whose /proc doesn't belong to it").
 PORTABLE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETFCAP",
-                         "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT")
+                         "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT", "NET_ADMIN", "SYS_PTRACE", "SYS_ADMIN",
+                         "SYS_TIME")
 _CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7,
-                    "SETPCAP": 8, "NET_BIND_SERVICE": 10, "SYS_CHROOT": 18, "SETFCAP": 31}
+                    "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12, "SYS_CHROOT": 18, "SYS_PTRACE": 19,
+                    "SYS_ADMIN": 21, "SYS_TIME": 25, "SETFCAP": 31}
 _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 

@@ -1191,8 +1191,12 @@ def check_manifest(name: str, manifest: dict[str, Any]) -> None:
         need(isinstance(manifest.get("lineage"), str), "'lineage' is not a string")
     for key in ("lineage", "restored_from"):
         optional(key, str)
-    for key in ("source", "stats", "signature", "app", "parent", "compression"):
+    for key in ("source", "stats", "signature", "app", "parent", "compression", "cpu"):
         optional(key, dict)
+    cpu_record = manifest.get("cpu") or {}
+    need(isinstance(cpu_record.get("flags", []), list) and all(isinstance(f, str) for f in cpu_record.get("flags", []))
+         and all(isinstance(cpu_record.get(key, ""), str) for key in ("vendor", "model", "level", "baseline")),
+         "'cpu' is malformed")
     for key, value in (manifest.get("source") or {}).items():
         need(value is None or isinstance(value, str), f"source.{key} is not a string")
     files = manifest.get("files")

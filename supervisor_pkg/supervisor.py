@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-from supervisor_pkg import carried, compression, criu, fingerprint, launcher, metrics
+from supervisor_pkg import carried, compat, compression, cpu, criu, fingerprint, launcher, metrics
 from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
@@ -139,6 +139,7 @@ class Supervisor:
         self.restored_from: Generation | None = None
         self.restored_claim: Claim | None = None  # our claim on restored_from: marked ended if the app stops
         self.checkpointed_ports: set[int] = set()  # the app's listening ports in the checkpoint it came from
+        self.app_baseline = "native"  # the CKPT_CPU_BASELINE the app was started with (restored: its checkpoint's)
         self.carried_paths: list[str] = []
         self.lease: Lease | None = None
         self.heartbeat: Heartbeat | None = None
@@ -161,6 +162,7 @@ class Supervisor:
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
         launcher.become_subreaper()
+        self._warn_if_checkpoints_cannot_work()
         try:
             self.take_lease()
             self.start()
@@ -171,6 +173,17 @@ class Supervisor:
             self.release_lease()
         assert self.exit_code is not None
         return self.exit_code
+
+    @staticmethod
+    def _warn_if_checkpoints_cannot_work() -> None:
+        """Say at start, not at SIGTERM, what makes every checkpoint fail here (a seccomp filter on us)."""
+        try:
+            problem = compat.check_seccomp(compat.own_status())
+        except OSError:
+            return
+        if problem is not None:
+            log.error("no checkpoint can work in this container: %s; the app runs, and stops gracefully at "
+                      "SIGTERM without a checkpoint", problem)
 
     def take_lease(self) -> None:
         """Own the lineage before touching it: wait for a handoff, or take over a dead holder's lease."""
@@ -223,13 +236,26 @@ class Supervisor:
                 raise RestoreRequired(f"CKPT_RESTORE=require but nothing can be restored: {why_fresh}")
         self._transition(State.COLD_START)
         launcher.check_command(self.command)
+        self.app_baseline = self.config.cpu_baseline
         self.app_pid = launcher.spawn(
             self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny",
-            own_proc=self.config.own_proc,
+            own_proc=self.config.own_proc, portable_caps=self.config.portable_caps,
+            environment=self._fresh_environment(),
         )
         log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
         self._transition(State.RUNNING)
         self._warm_fingerprints()
+
+    def _fresh_environment(self) -> dict[str, str]:
+        """The environment of a freshly started app: ours, plus what CKPT_CPU_BASELINE adds (only there)."""
+        environment = dict(os.environ)
+        tunables = cpu.baseline_tunables(self.config.cpu_baseline, environment.get("GLIBC_TUNABLES"))
+        if tunables is not None:
+            environment["GLIBC_TUNABLES"] = tunables
+            here = cpu.record()
+            log.info("the app's glibc is kept to %s (CKPT_CPU_BASELINE; this CPU is %s): GLIBC_TUNABLES=%s",
+                     self.config.cpu_baseline, here["level"], tunables)
+        return environment
 
     def _restore_newest(self) -> Restored | str:
         """See restore.py: the restored app, or why the app starts fresh."""
@@ -248,6 +274,9 @@ class Supervisor:
         self.restored_from, self.restored_claim = restored.generation, restored.claim
         self.carried_paths = restored.carried_paths
         self.checkpointed_ports = _ports(_app_section(restored.manifest).get("listening_ports"))
+        recorded_cpu = restored.manifest.get("cpu")
+        baseline = recorded_cpu.get("baseline") if isinstance(recorded_cpu, dict) else None
+        self.app_baseline = baseline if baseline in cpu.BASELINES else "native"  # chosen at the app's fresh start
         self.last_restore = {
             "generation": restored.generation.name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(restored.seconds, 3),
@@ -762,6 +791,7 @@ class Supervisor:
                                 "files": app_files,
                                 "listening_ports": sorted(metrics.read_listening_ports(f"/proc/{self.app_pid}/net"))},
                         "restored_from": self.restored_from.name if self.restored_from else None,
+                        "cpu": cpu.record(baseline=self.app_baseline),
                         **extra,
                     },
                     before_rename=self.lease.check,
