@@ -381,6 +381,7 @@ def restore(
     stall_timeout: float | None = None,
     should_stop: Callable[[], bool] | None = None,
     before_resume: Callable[[int | None], None] | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> int:
     """Restore the tree in `images_dir` as our child; return its root's PID.
 
@@ -399,7 +400,7 @@ def restore(
     rpc = _rpc()
     dups: list[int] = []
     leftovers = _Leftovers(tcp)
-    watchdog = _RestoreWatchdog(log_path, stall_timeout, should_stop)
+    watchdog = _RestoreWatchdog(log_path, stall_timeout, should_stop, on_progress)
     roots: list[int] = []
 
     def notified(script: str, pid: int | None) -> None:
@@ -497,10 +498,14 @@ class _RestoreWatchdog:
     capability is missing and waits on a zombie forever) shows none.
     """
 
-    def __init__(self, log_path: str, stall_timeout: float | None, should_stop: Callable[[], bool] | None) -> None:
+    def __init__(
+        self, log_path: str, stall_timeout: float | None, should_stop: Callable[[], bool] | None,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
         self.log_path = log_path
         self.stall_timeout = stall_timeout
         self.should_stop = should_stop
+        self.on_progress = on_progress
         self.children_before = {pid for pid, parent in _processes().items() if parent == os.getpid()}
         self.last_sample: tuple[int, int] | None = None
         self.last_progress = time.monotonic()
@@ -522,6 +527,8 @@ class _RestoreWatchdog:
         sample, now = self._sample(), time.monotonic()
         if sample != self.last_sample:
             self.last_sample, self.last_progress = sample, now
+            if self.on_progress is not None:
+                self.on_progress()
         elif now - self.last_progress >= self.stall_timeout:
             raise RestoreStalled(
                 f"restore made no progress for {self.stall_timeout:.0f} s (CKPT_RESTORE_STALL) and was killed: "

@@ -266,17 +266,34 @@ class Lease:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the lease every interval; reports loss through `on_lost`, once."""
+    """Renews the lease every interval; reports loss through `on_lost`, once.
+
+    `stuck()` (set by the supervisor) names why the holder is stuck, or returns
+    None: a supervisor whose restore makes no progress must not keep its lease
+    alive, or a healthy replacement would wait on it forever. While it is stuck
+    the beats stop (the lease expires for others after CKPT_LEASE_TIMEOUT);
+    the restore is killed by its own watchdog, and a restored tree is never
+    resumed without the lease (fencing at pre-resume).
+    """
 
     def __init__(self, lease: Lease, on_lost: Callable[[str], None]) -> None:
         super().__init__(name="lease-heartbeat", daemon=True)
         self.lease = lease
         self.on_lost = on_lost
+        self.stuck: Callable[[], str | None] = lambda: None
         self._stop_event = threading.Event()
         self._failing = False
+        self._holding_back = False
 
     def run(self) -> None:
         while not self._stop_event.wait(self.lease.interval):
+            reason = self.stuck()
+            if reason is not None:
+                if not self._holding_back:
+                    log.warning("not renewing the lease: %s", reason)
+                    self._holding_back = True
+                continue
+            self._holding_back = False
             try:
                 self.lease.renew()
                 if self._failing:

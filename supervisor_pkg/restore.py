@@ -102,10 +102,11 @@ class _PageCheck(threading.Thread):
         except BaseException as error:  # noqa: BLE001 - handed to the waiting restore
             self.failure = error
 
-    def verdict(self, should_stop: Callable[[], bool]) -> None:
+    def verdict(self, should_stop: Callable[[], bool], progressed: Callable[[], None]) -> None:
         """Wait for the hashes; raise what they found (VerificationFailed), or RestoreInterrupted on a stop."""
         while self.is_alive():
             self.join(0.05)
+            progressed()  # hashing is progress of the restore (the heartbeat goes on meanwhile)
             if should_stop():
                 raise RestoreInterrupted("restore interrupted while its pages were checked: the container was "
                                          "asked to stop")
@@ -129,6 +130,19 @@ class RestoreFlow:
         self.receiver = receiver
         self.metrics = metrics
         self._stop_signals = {int(config.signal), int(signal.SIGTERM), int(signal.SIGINT)}
+        self.restoring = False
+        self.last_progress = time.monotonic()  # of CRIU's, or of our page check: see stuck()
+
+    def progressed(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def stuck(self) -> str | None:
+        """Why the heartbeat must not renew the lease: a restore without progress for half a lease timeout."""
+        quiet = time.monotonic() - self.last_progress
+        if self.restoring and quiet > self.lease.timeout / 2:
+            return (f"the restore has made no progress for {quiet:.0f} s; it is killed after CKPT_RESTORE_STALL="
+                    f"{self.config.restore_stall:g} s")
+        return None
 
     # --- choosing ------------------------------------------------------------------
     def run(self) -> Restored | str:
@@ -289,7 +303,7 @@ class RestoreFlow:
         def before_resume(root_pid: int | None) -> None:
             """The tree exists and has not run: it runs only on verified pages, under our lease, on the record."""
             if page_check is not None:
-                page_check.verdict(self._stop_requested)
+                page_check.verdict(self._stop_requested, self.progressed)
             self.lease.check()
             try:
                 resumed.append(self.store.mark_resumed(generation, claim))
@@ -303,6 +317,7 @@ class RestoreFlow:
         log_name = f"restore-{generation.name}-{_stamp()}.log"
         log.debug("calling CRIU to restore %s, %.3f s after the restore began", generation.name,
                   time.monotonic() - started)
+        self.restoring, self.last_progress = True, time.monotonic()
         try:
             pid = criu.restore(
                 images_dir, daemon.work_dir if daemon else self.store.logs, log_name,
@@ -310,13 +325,14 @@ class RestoreFlow:
                 log_level=int(self.config.criu_log_level), lazy=daemon is not None,
                 mount_namespace=bool(app.get("own_mount_namespace")),
                 stall_timeout=self.config.restore_stall, should_stop=self._stop_requested,
-                before_resume=before_resume,
+                before_resume=before_resume, on_progress=self.progressed,
             )
         except BaseException:
             if daemon is not None:
                 daemon.kill()
             raise
         finally:
+            self.restoring = False
             if images_dir != generation.path and daemon is None:
                 shutil.rmtree(images_dir, ignore_errors=True)  # restored: CRIU needs the images no more
         seconds = time.monotonic() - started

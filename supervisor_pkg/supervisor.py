@@ -262,11 +262,16 @@ class Supervisor:
         if self.lease is None:
             return self.volume_problem
         flow = RestoreFlow(self.config, self.command, self.store, self.lease, self.receiver, self.metrics)
+        if self.heartbeat is not None:
+            self.heartbeat.stuck = flow.stuck
         try:
             return flow.run()
         except (CannotRestoreHere, StoppedDuringRestore):
             self._transition(State.EXITING)
             raise
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stuck = lambda: None
 
     def _adopt(self, restored: Restored) -> None:
         """The restored app is ours now: its pid, where it came from, and (lazily) its pages to watch."""

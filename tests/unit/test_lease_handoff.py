@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from supervisor_pkg import config
-from supervisor_pkg import lease as lease_module
 from supervisor_pkg.errors import LeaseHeld, LeaseLost, StoppedWhileWaiting, StoreError
 from supervisor_pkg.lease import LEASE_FILE, Heartbeat, Lease
 from supervisor_pkg.signals import SignalReceiver
@@ -474,3 +473,43 @@ def test_a_stop_request_while_the_supervisor_waits_for_the_lease_ends_the_wait(
     assert time.monotonic() - started < 10, "not the 300 s handoff timeout"
     assert supervisor.heartbeat is None
     assert lease_file(str(checkpoints / "default"))["owner"] == holder.token
+
+
+def test_a_supervisor_whose_restore_is_stuck_does_not_renew_its_lease(
+    lineage: str, sleep_until: Callable[..., Any]
+) -> None:
+    mine = instance(lineage, "a", interval=0.02)
+    assert mine.try_create()
+    heartbeat = Heartbeat(mine, on_lost=lambda reason: pytest.fail(reason))
+    stuck = {"reason": "the restore has made no progress for 20 s"}
+    heartbeat.stuck = lambda: stuck["reason"]
+    heartbeat.start()
+    try:
+        time.sleep(0.3)
+        assert lease_file(lineage)["beat"] == 0, "no beat while stuck: the lease expires for a replacement"
+        stuck["reason"] = None  # type: ignore[assignment]
+        sleep_until(lambda: lease_file(lineage)["beat"] >= 2, timeout=10, what="beats once unstuck")
+    finally:
+        heartbeat.stop()
+        heartbeat.join(timeout=5)
+
+
+def test_a_restore_is_stuck_for_the_heartbeat_only_after_half_a_lease_timeout_without_progress(
+    tmp_path: Path,
+) -> None:
+    from supervisor_pkg import config, metrics
+    from supervisor_pkg.restore import RestoreFlow
+    from supervisor_pkg.signals import SignalReceiver
+    from supervisor_pkg.store import Store
+
+    loaded = config.load({"CKPT_DIR": str(tmp_path), "CKPT_LEASE_TIMEOUT": "10", "CKPT_LEASE_INTERVAL": "1"})
+    (tmp_path / "default").mkdir()
+    lease = instance(str(tmp_path / "default"), "a", interval=1, timeout=10)
+    flow = RestoreFlow(loaded, ["app"], Store(str(tmp_path), "default"), lease, SignalReceiver(), metrics.Metrics())
+    assert flow.stuck() is None, "not restoring"
+    flow.restoring, flow.last_progress = True, time.monotonic() - 4
+    assert flow.stuck() is None, "quiet for less than half the lease timeout"
+    flow.last_progress = time.monotonic() - 6
+    assert "no progress for 6 s" in (flow.stuck() or "")
+    flow.progressed()
+    assert flow.stuck() is None
