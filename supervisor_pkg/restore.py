@@ -283,7 +283,21 @@ class RestoreFlow:
 
     def _restore(self, generation: Generation, manifest: dict[str, Any], claim: Claim, lazy: bool) -> Restored:
         started = time.monotonic()
-        carried_paths = self._put_back_carried_files(generation, manifest)
+        carried_paths, created = self._put_back_carried_files(generation, manifest)
+        try:
+            return self._restore_carried(generation, manifest, claim, lazy, started, carried_paths)
+        except BaseException:
+            # A failed restore leaves nothing behind that the fallback (an older generation, a fresh
+            # start here) would trip over: the carried files this restore created go again.
+            for path in created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+
+    def _restore_carried(
+        self, generation: Generation, manifest: dict[str, Any], claim: Claim, lazy: bool, started: float,
+        carried_paths: list[str],
+    ) -> Restored:
         app = _app_section(manifest)
         images_dir = generation.path
         if "compression" in manifest:
@@ -342,11 +356,14 @@ class RestoreFlow:
         return Restored(generation, manifest, pid, resumed[0] if resumed else claim, carried_paths, started,
                         seconds, daemon)
 
-    def _put_back_carried_files(self, generation: Generation, manifest: dict[str, Any]) -> list[str]:
+    def _put_back_carried_files(self, generation: Generation, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(the carried files put back, those of them that did not exist here before)."""
         if carried.ARCHIVE not in (manifest.get("files") or {}):
-            return []
+            return [], []
+        archive = f"{generation.path}/{carried.ARCHIVE}"
         try:
-            paths = carried.extract(f"{generation.path}/{carried.ARCHIVE}", exclude=[self.config.dir],
+            created = [path for path in carried.members(archive) if not os.path.lexists(path)]
+            paths = carried.extract(archive, exclude=[self.config.dir],
                                     max_bytes=int(manifest["files"][carried.ARCHIVE]["size"]))
         except (ValueError, tarfile.TarError) as error:  # what the archive holds: its fault
             raise RestoreFailed(f"restore failed: cannot put back the carried files: {error}",
@@ -354,7 +371,7 @@ class RestoreFlow:
         except OSError as error:  # this container's filesystem said no
             raise RestoreFailed(f"restore failed: cannot put back the carried files: {error}") from error
         log.info("put back %d carried file(s) from the container's writable layer", len(paths))
-        return paths
+        return paths, created
 
     def _start_lazy_pages(self, generation: Generation, images_dir: str) -> criu.LazyPagesDaemon | None:
         """Start CRIU's lazy-pages daemon; None (restore fully, pages checked first) if it cannot run here."""
