@@ -25,18 +25,17 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import Any
 
-from supervisor_pkg import carried, compat, compression, cpu, criu, fingerprint, launcher, metrics
+from supervisor_pkg import compat, cpu, criu, fingerprint, launcher, metrics
+from supervisor_pkg.checkpoint import AppFacts, CheckpointFlow
 from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
 from supervisor_pkg.errors import (
     CannotRestoreHere,
     ConfigError,
-    DumpFailed,
     EnvironmentProblem,
     LazyRestoreCorrupt,
     RestoreRequired,
@@ -48,7 +47,7 @@ from supervisor_pkg.errors import (
 from supervisor_pkg.lease import Heartbeat, Lease
 from supervisor_pkg.restore import Restored, RestoreFlow
 from supervisor_pkg.signals import SignalReceiver
-from supervisor_pkg.store import Claim, Generation, PageHasher, Store, identity, read_signing_key
+from supervisor_pkg.store import Claim, Generation, Store, identity, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
 
 log = logging.getLogger("criu-supervisor")
@@ -153,11 +152,8 @@ class Supervisor:
         self.last_restore: dict[str, Any] = {}
         self.metrics = metrics.Metrics()
         self.lazy: LazyRestore | None = None
-        # The last leave-running checkpoint of this run, dumped with soft-dirty tracking:
-        # a final dump may then write only the pages dirtied since (see _incremental_parent).
-        self.incremental_base: Generation | None = None
+        self.checkpoints = CheckpointFlow(config, self.store, self.metrics)
         self._announced_dirty_tracking = False
-        self._dirty_tracking_failed = False  # a dump with track_mem or a parent failed: no more tries this run
 
     # --- the whole life of a container, in order ----------------------------
     def run(self) -> int:
@@ -521,34 +517,6 @@ class Supervisor:
             log.info("final checkpoint in %.0f s (CKPT_DEADLINE_MARGIN=%g s before the deadline), or at SIGTERM",
                      max(0.0, self.final_at - time.monotonic()), self.config.deadline_margin)
 
-    def _incremental_plan(self) -> str:
-        """What the final dump after a safety net will be, and why, for the log."""
-        if not criu.has_feature("mem_dirty_track"):
-            return "not possible (the kernel has no soft-dirty tracking); the final dump is a full one"
-        if self.config.compress != "none":
-            return (f"not used with CKPT_COMPRESS={self.config.compress} (a chain needs the parent's pages "
-                    "uncompressed); the final dump is a full one")
-        return ("on: the safety net is dumped with soft-dirty tracking, and the final dump writes only the pages "
-                "dirtied since")
-
-    def _tracks_dirty_pages(self) -> bool:
-        """Whether a leave-running dump should track memory, to be the parent of an incremental final dump."""
-        return (self.config.compress == "none" and not self._dirty_tracking_failed
-                and criu.has_feature("mem_dirty_track"))
-
-    def _incremental_parent(self, final: bool) -> Generation | None:
-        """The generation a final dump writes only dirtied pages against, or None for a full dump.
-
-        Only the last leave-running dump of this run qualifies: each dump with
-        tracking resets the kernel's soft-dirty bits, so the bits describe the
-        changes since that dump and no other. Any dump, even a failed one, uses
-        the base up (CRIU may have reset the bits before failing).
-        """
-        base, self.incremental_base = self.incremental_base, None
-        if not final or base is None or base.rejected or not os.path.isfile(base.manifest_path):
-            return None
-        return base
-
     def _on_control(self, request: ControlRequest) -> None:
         if request.command == "status":
             request.answer({"ok": True, "status": self.status()})
@@ -698,160 +666,27 @@ class Supervisor:
         }
 
     def checkpoint(self, final: bool, trigger: str = "manual") -> Generation:
-        """Dump the app into a staging generation, then publish it atomically.
+        """Dump the app into a generation and publish it (checkpoint.py); a final one kills the app after.
 
-        CRIU leaves the tree stopped. A final checkpoint kills it only after the
-        generation is published; a leave-running one resumes it once the carried
-        files are copied (so they match the memory image). On any failure the
-        tree is resumed, so the caller can still stop it gracefully.
+        On any failure the tree is resumed, so the caller can still stop it gracefully.
         """
         assert self.app_pid is not None
         requested = time.monotonic()
         self._wait_for_lazy_restore()
         if self.lease is None:
             raise StoreError(f"checkpoint impossible: {self.volume_problem}")
-        self.lease.check()
-        stdio = self._stdio_of(self.app_pid)
-        app_files = fingerprint.record(launcher.namespace_members(self.app_pid), self.command, [self.config.dir],
-                                       _STARTED_AT)  # while the app still runs; hashed in the background already
-        parent = self._incremental_parent(final)
-        track_mem = parent is not None or (not final and self._tracks_dirty_pages())
-        try:
-            generation, result = self._dump_and_publish(final, stdio, app_files, parent, track_mem)
-        except DumpFailed as error:
-            if not track_mem:
-                raise
-            # CRIU refused memory tracking or the parent (a path this machine's kernel cannot run; see
-            # docs/performance.md): a full dump is still possible, and the app was resumed by CRIU.
-            self._dirty_tracking_failed = True
-            log.warning("%s; dumping again in full, and without memory tracking for the rest of this run",
-                        error.message)
-            parent, track_mem = None, False
-            generation, result = self._dump_and_publish(final, stdio, app_files, None, False)
+        app = AppFacts(self.app_pid, self.command, self.restored_from, self.carried_paths, self.app_baseline,
+                       _STARTED_AT)
+        generation, self.last_checkpoint = self.checkpoints.run(app, self.lease, final, trigger, requested)
         if final:
             os.kill(self.app_pid, signal.SIGKILL)  # the namespace's init: the kernel kills the rest
-        elif track_mem:
-            self.incremental_base = generation
-        manifest = generation.read_json("manifest.json")
-        self.last_checkpoint = {
-            "generation": generation.name, "trigger": trigger, "final": final, "time": manifest["created"],
-            "parent": parent.name if parent else None,
-            "seconds": round(time.monotonic() - requested, 3), "criu_seconds": round(result.seconds, 3),
-            "bytes": sum(entry["size"] for entry in manifest["files"].values()),
-        }
-        self.metrics.checkpoint(trigger, final, ok=True, seconds=self.last_checkpoint["seconds"],
-                                size=self.last_checkpoint["bytes"], when=float(manifest["created_unix"]))
-        removed = self.store.prune(protect={generation.number})
-        if removed:
-            log.debug("pruned %s", ", ".join(removed))
         return generation
 
-    def _dump_and_publish(
-        self, final: bool, stdio: dict[str, str], app_files: dict[str, Any], parent: Generation | None,
-        track_mem: bool,
-    ) -> tuple[Generation, criu.DumpResult]:
-        """One CRIU dump into a staging generation, published; the app is left stopped only after a final one."""
-        assert self.app_pid is not None and self.lease is not None
-        log_name = f"dump-{_stamp()}.log"
-        stopped = False
-        scratch: str | None = None
-        try:
-            with self.store.staging() as staging:
-                # Page images are followed while CRIU writes them: hashed in place, or
-                # (CKPT_COMPRESS) read from local scratch and streamed compressed to the volume.
-                follower: PageHasher | compression.PageCompressor
-                if self.config.compress == "none":
-                    images_dir = staging.path
-                    follower = PageHasher(images_dir)
-                else:
-                    compression.check_available(self.config.compress)
-                    os.makedirs(compression.LOCAL_ROOT, mode=0o700, exist_ok=True)
-                    images_dir = scratch = tempfile.mkdtemp(prefix="dump-", dir=compression.LOCAL_ROOT)
-                    follower = compression.PageCompressor(self.config.compress, images_dir, staging.path)
-                with _DumpProgress(staging.path), follower:
-                    result = criu.dump(self.app_pid, images_dir, self.store.logs, log_name,
-                                       tcp=self.config.tcp, log_level=int(self.config.criu_log_level),
-                                       external=_terminals(stdio), mount_namespace=self.config.own_proc,
-                                       track_mem=track_mem, parent=f"../{parent.name}" if parent else None)
-                    stopped = True
-                    self._keep_socket_names(images_dir)
-                    extra: dict[str, Any] = {}
-                    if isinstance(follower, compression.PageCompressor):
-                        hashed, pages = follower.finish()
-                        extra["compression"] = {"algorithm": self.config.compress, "pages": pages}
-                    else:
-                        hashed = follower.finish()
-                carried_count = self._carry_files(images_dir, staging.path)
-                if not final:
-                    launcher.resume(self.app_pid)
-                    stopped = False
-                generation = self.store.publish(
-                    staging,
-                    {
-                        "criu_version": criu.version(),
-                        "stats": {"dump_seconds": round(result.seconds, 4), "final": final,
-                                  "carried_files": carried_count},
-                        "app": {"stdio": stdio, "own_mount_namespace": self.config.own_proc,
-                                "command": self.command, "version": self.config.app_version,
-                                "files": app_files,
-                                "listening_ports": sorted(metrics.read_listening_ports(f"/proc/{self.app_pid}/net"))},
-                        "restored_from": self.restored_from.name if self.restored_from else None,
-                        "cpu": cpu.record(baseline=self.app_baseline),
-                        **extra,
-                    },
-                    before_rename=self.lease.check,
-                    hashed=hashed,
-                    parent=parent,
-                )
-        except BaseException:
-            if stopped:
-                launcher.resume(self.app_pid)
-            raise
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        return generation, result
+    def _incremental_plan(self) -> str:
+        return self.checkpoints.incremental_plan()
 
-    @staticmethod
-    def _keep_socket_names(images_dir: str) -> None:
-        """Listening Unix sockets bound under a since-replaced name keep the name clients use."""
-        try:
-            renamed = criu.rename_relinked_unix_sockets(images_dir)
-        except Exception as error:  # noqa: BLE001 - a nameless socket beats a failed checkpoint
-            log.warning("could not check the app's Unix socket names (%s); a socket bound under a temporary "
-                        "name may be restored without a name", error)
-            return
-        for old, new in renamed:
-            log.info("unix socket bound as %s is reachable as %s: recorded under that name", old, new)
-
-    def _carry_files(self, images_dir: str, destination: str) -> int:
-        """Pack the app's files from the writable layer into the generation (see carried.py)."""
-        opened = [carried.OpenFile(path, writable) for path, writable in criu.opened_files(images_dir)]
-        paths = carried.select(opened, self.config.state_paths, self.carried_paths,
-                               exclude=[self.config.dir], since=_STARTED_AT)
-        if paths or self.config.state_paths:
-            try:
-                carried.archive(paths, self.config.state_paths, f"{destination}/{carried.ARCHIVE}")
-            except OSError as error:
-                raise StoreError(f"cannot carry the app's files: {error}") from error
-            log.info("carrying %d file(s) from the container's writable layer", len(paths))
-        return len(paths)
-
-    @staticmethod
-    def _stdio_of(pid: int) -> dict[str, str]:
-        stdio = {}
-        for fd in _STDIO_FDS:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/pts/"):
-                    # The runtime's terminal (docker run -t) lives outside the tree: CRIU
-                    # names it by device numbers, and inherit-fd gives it the new one.
-                    info = os.stat(f"/proc/{pid}/fd/{fd}")
-                    target = f"tty[{info.st_rdev:x}:{info.st_dev:x}]"
-                stdio[str(fd)] = target
-            except OSError:
-                continue
-        return stdio
+    def _tracks_dirty_pages(self) -> bool:
+        return self.checkpoints.tracks_dirty_pages()
 
     def _wait_for_app(self) -> None:
         """After a final dump CRIU has killed the tree; collect its init."""
@@ -869,36 +704,6 @@ class Supervisor:
         log.debug("state %s -> %s", self.state.value, new.value)
         self.state = new
         self.metrics.state = new.value
-
-
-class _DumpProgress(threading.Thread):
-    """Logs bytes written and the rate every few seconds while a long dump runs."""
-
-    def __init__(self, directory: str, every: float = 3.0) -> None:
-        super().__init__(name="dump-progress", daemon=True)
-        self.directory = directory
-        self.every = every
-        self._done = threading.Event()
-
-    def __enter__(self) -> _DumpProgress:
-        self.started = time.monotonic()
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._done.set()
-
-    def run(self) -> None:
-        while not self._done.wait(self.every):
-            written = 0
-            try:
-                with os.scandir(self.directory) as entries:
-                    written = sum(entry.stat().st_size for entry in entries if entry.is_file())
-            except OSError:
-                return
-            elapsed = time.monotonic() - self.started
-            log.info("dump in progress: %.0f MiB written in %.0f s (%.0f MiB/s)",
-                     written / 1048576, elapsed, written / 1048576 / elapsed)
 
 
 def _checkpoint_failure(error: Exception) -> str:
@@ -920,10 +725,6 @@ def _ports(recorded: Any) -> set[int]:
     if not isinstance(recorded, list):
         return set()
     return {port for port in recorded if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536}
-
-
-def _terminals(stdio: dict[str, str]) -> list[str]:
-    return [target for target in stdio.values() if target.startswith("tty[")]
 
 
 def _stamp() -> str:
