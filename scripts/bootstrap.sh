@@ -28,6 +28,9 @@ need_pkg() {  # need_pkg COMMAND PACKAGE...
 need_pkg dockerd docker.io
 need_pkg debootstrap debootstrap
 need_pkg docker-compose docker-compose
+# The cross-engine tests (tests/integration/test_engines.py) restore under Podman too; containerd and ctr,
+# their other engine, come with docker.io.
+need_pkg podman podman
 
 if ! docker info >/dev/null 2>&1; then
     log "starting dockerd (log: /var/log/dockerd.log)"

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from supervisor_pkg import cpu, doctor
+from supervisor_pkg import cpu, doctor, engine
 
 # <linux/capability.h>, in bit order.
 CAPABILITY_NAMES = dict(enumerate((
@@ -95,16 +95,16 @@ def check_capabilities(held: int, status_text: str) -> Incompatibility | None:
     )
 
 
-def check_seccomp(status_text: str) -> Incompatibility | None:
+SECCOMP_CAUSE = ("the supervisor runs under a seccomp filter, so no checkpoint of the app can be taken here "
+                 "(CRIU cannot suspend the app's filters while itself filtered: 'suspending seccomp failed')")
+
+
+def check_seccomp(status_text: str, running: engine.Engine | None = None) -> Incompatibility | None:
+    """A seccomp filter on us; the fix is spelled for the engine that runs this container."""
     mode = _status_field(status_text, "Seccomp")
     if mode in ("", "0"):
         return None
-    return Incompatibility(
-        "the supervisor runs under a seccomp filter, so no checkpoint of the app could be taken here afterwards "
-        "(CRIU cannot suspend the app's filters while itself filtered)",
-        "start the replacement with --security-opt seccomp=unconfined (compose: security_opt; Kubernetes: "
-        "securityContext.seccompProfile.type: Unconfined)",
-    )
+    return Incompatibility(SECCOMP_CAUSE, "run it without one: " + engine.seccomp_fix(running or engine.current()))
 
 
 def check_terminal(stdio: Any, isatty: Callable[[int], bool] = os.isatty) -> Incompatibility | None:

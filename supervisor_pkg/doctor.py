@@ -414,23 +414,25 @@ def _check_checkpoint_restore(effective: int, cap_last_cap: int | None) -> Findi
     return _ok(name, "CAP_CHECKPOINT_RESTORE not granted; optional once CAP_SYS_ADMIN is (see capability:SYS_ADMIN)")
 
 
-def check_seccomp(status_text: str) -> Finding:
+def check_seccomp(status_text: str, running: Any = None) -> Finding:
     """Any seccomp filter on CRIU is fatal once the app has one (and it inherits the container's).
 
     CRIU suspends the app's seccomp filters with PTRACE_O_SUSPEND_SECCOMP, which
     the kernel refuses to a tracer that is itself under seccomp (kernel/ptrace.c):
     the dump fails with 'suspending seccomp failed: Operation not permitted'.
+    The detail is the line the supervisor logs at start (compat.check_seccomp),
+    with the fix for the engine detected here.
     """
+    from supervisor_pkg import compat
+
     fields = parse_status(status_text)
     mode = fields.get("Seccomp", "0")
     if mode == "0":
         return _ok("seccomp", "no seccomp filter (seccomp=unconfined)")
     kind = {"1": "strict", "2": f"filter, {fields.get('Seccomp_filters', '?')} filter(s)"}.get(mode, mode)
-    return Finding(
-        "seccomp", Status.FAIL,
-        f"a seccomp filter is active (mode {mode}: {kind}; Docker's and Kubernetes' RuntimeDefault profiles do "
-        "this): CRIU cannot suspend the app's filters while itself filtered, so every dump fails "
-        "('suspending seccomp failed')", SECCOMP_UNCONFINED)
+    problem = compat.check_seccomp(status_text, running)
+    here = f" ({running.describe()})" if running is not None else ""
+    return Finding("seccomp", Status.FAIL, f"{problem}{here}; mode {mode}: {kind}", SECCOMP_UNCONFINED)
 
 
 def check_apparmor(label: str | None) -> Finding:
@@ -710,7 +712,12 @@ def run_checks(config: Any, host: Host | None = None) -> list[Finding]:
     status = host.read("/proc/self/status") or ""
     last_cap = (host.read("/proc/sys/kernel/cap_last_cap") or "").strip()
     findings += check_capabilities(status, int(last_cap) if last_cap.isdigit() else None)
-    findings.append(check_seccomp(status))
+    from supervisor_pkg import engine
+
+    running = engine.detect(cgroup=host.read("/proc/self/cgroup"), mountinfo=host.read("/proc/self/mountinfo"),
+                            containerenv=host.read(engine.CONTAINERENV),
+                            dockerenv=host.read(engine.DOCKERENV) is not None)
+    findings.append(check_seccomp(status, running))
     label = host.read("/proc/self/attr/apparmor/current")
     findings.append(check_apparmor(label if label is not None else host.read("/proc/self/attr/current")))
 

@@ -225,24 +225,12 @@ class Claim:
 
 
 def identity() -> dict[str, str | None]:
-    """Where a checkpoint or claim comes from: host, container, image."""
-    return {
-        "host": os.environ.get("CKPT_HOST_NAME") or os.environ.get("NODE_NAME") or socket.gethostname(),
-        "container_id": _container_id(),
-        "image_id": os.environ.get("CKPT_IMAGE_ID"),
-    }
+    """Where a checkpoint or claim comes from: host, container, image, and the engine that runs it (engine.py)."""
+    from supervisor_pkg import engine
 
-
-def _container_id() -> str | None:
-    try:
-        with open("/proc/self/mountinfo") as handle:
-            for line in handle:
-                match = re.search(r"/containers/([0-9a-f]{64})/", line)
-                if match:
-                    return match.group(1)
-    except OSError:
-        pass
-    return os.environ.get("HOSTNAME")
+    running = engine.current()
+    return {"host": running.host, "container_id": running.container_id,
+            "image_id": os.environ.get("CKPT_IMAGE_ID"), "engine": running.kind, "pod": running.pod}
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
