@@ -134,7 +134,7 @@ OVERLAY_STORAGE = Fix(
     kubernetes="nodes whose container runtime uses the overlayfs snapshotter (containerd's default)",
 )
 KEEP_ENTRYPOINT = Fix(
-    docker_run="keep the image's ENTRYPOINT [criu-supervisor, run, --] (no --entrypoint, no --init, no shell "
+    docker_run="keep the image's ENTRYPOINT [criu-supervisor-shim, run, --] (no --entrypoint, no --init, no shell "
                "wrapper); give the app as CMD",
     compose="no entrypoint: and no init: true; give the app as command:",
     kubernetes="give the app as args: (command: replaces the image's ENTRYPOINT, the supervisor); "

@@ -47,13 +47,20 @@ class SignalReceiver:
 
     @classmethod
     def install_early(cls) -> SignalReceiver:
-        """Install handlers for HANDLED_SIGNALS; idempotent."""
+        """Install handlers for HANDLED_SIGNALS, then unblock them; idempotent.
+
+        The image's entrypoint (images/base/shim.c) blocks these signals before
+        it execs Python, so that one sent while Python starts stays pending
+        instead of being dropped (PID 1 of a namespace ignores signals it has no
+        handler for); unblocking delivers it to the handler installed here.
+        """
         if cls._instance is None:
             receiver = cls()
             signal.set_wakeup_fd(receiver._write_fd, warn_on_full_buffer=False)
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, receiver._record)
             cls._instance = receiver
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return cls._instance
 
     def _record(self, signum: int, _frame: object) -> None:

@@ -90,3 +90,20 @@ def test_an_app_on_a_terminal_migrates_to_a_replacement_with_a_terminal(engine: 
                      third.logs()), third.logs()
     fourth = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"}, extra=["-t"])
     fourth.wait_log(r"restored gen-00000002")
+
+
+def test_sigterm_at_any_moment_of_start_up_is_never_lost(engine: Docker) -> None:
+    # The entrypoint shim blocks the supervisor's signals before Python starts; without it, a SIGTERM in
+    # the first tens of milliseconds was dropped by the kernel (PID 1 without a handler) and docker stop
+    # waited out its timeout (exit 137).
+    import time
+
+    from dockerlib import docker as run_docker
+
+    for delay_ms in range(0, 220, 20):
+        volume = engine.volume()
+        app = engine.run(TICKER_IMAGE, volume=volume, env={"TICK_INTERVAL": "0.1"})
+        time.sleep(delay_ms / 1000)
+        run_docker("kill", "-s", "TERM", app.name)
+        code = app.wait_exit(timeout=60)
+        assert code == 0, f"SIGTERM {delay_ms} ms after start: exit {code}\n{app.logs()}"
