@@ -25,6 +25,10 @@ A failed restore ends in one of three outcomes, decided by evidence:
        supervisor exits 6 (CKPT_CANNOT_RESTORE=exit) or starts fresh (=fresh);
     3. the app changed: start fresh, and note why on the generation.
 A stop asked for during a restore aborts it at once; the generation is kept.
+
+A lazy restore (CKPT_LAZY=on) returns before the app's pages are all in:
+`LazyRestore` follows CRIU's lazy-pages daemon and the background check of the
+page images, until every page is in and verified, or kills the app (exit 7).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from supervisor_pkg.config import Config
 from supervisor_pkg.errors import (
     CHECKPOINT_AT_FAULT,
     CannotRestoreHere,
+    LazyRestoreCorrupt,
     RestoreFailed,
     RestoreInterrupted,
     StoppedDuringRestore,
@@ -390,6 +395,90 @@ class RestoreFlow:
         stop = any(event in self._stop_signals for event in events)
         self.receiver.put_back([event for event in events if event not in self._stop_signals])
         return stop
+
+
+LAZY_VERIFIED = "lazy-pages-verified"  # posted to the supervisor's queue by the background check
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyProblem:
+    """Posted by the background check: why the lazily restored app must die, and which generation is bad."""
+
+    reason: str
+    culprit: str | None = None  # an incremental checkpoint's parent, when the bad pages are there
+    pages_bad: bool = True  # False: the pages could not be checked (not evidence against the checkpoint)
+
+
+@dataclasses.dataclass
+class LazyRestore:
+    """A restore whose pages are still arriving, and whose page images are still being verified."""
+
+    generation: Generation
+    manifest: dict[str, Any]
+    daemon: criu.LazyPagesDaemon
+    started: float
+    daemon_done: bool = False
+    verified: bool = False
+
+    def verify_in_background(self, store: Store, post: Callable[[object], None]) -> None:
+        """Hash the page images the daemon serves, on one core; post LAZY_VERIFIED or a LazyProblem."""
+
+        def check() -> None:
+            try:
+                store.verify_pages(self.generation, self.manifest)
+            except VerificationFailed as error:
+                post(LazyProblem(error.message, error.generation))
+                return
+            except Exception as error:  # noqa: BLE001 - unverified pages must never be taken for verified ones
+                post(LazyProblem(f"the page check itself failed: {error!r}", pages_bad=False))
+                return
+            post(LAZY_VERIFIED)
+
+        threading.Thread(target=check, name="page-verifier", daemon=True).start()
+
+    def advance(
+        self, store: Store, event: object, daemon_status: int | None, kill_app: Callable[[], None]
+    ) -> bool:
+        """Take the check's verdict or the daemon's end; True once every page is in and verified."""
+        if isinstance(event, LazyProblem):
+            self._failed(store, event.reason, event.culprit, event.pages_bad, kill_app)
+        if event == LAZY_VERIFIED:
+            self.verified = True
+        if daemon_status is not None:
+            if os.waitstatus_to_exitcode(daemon_status) != 0:
+                self._failed(store, f"CRIU's lazy-pages daemon failed ({criu.explain(self.daemon.log_path)}); "
+                                    f"log: {self.daemon.log_path}", None, False, kill_app)
+            self.daemon_done = True
+        if not (self.daemon_done and self.verified):
+            return False
+        if self.daemon.images_dir != self.generation.path:
+            shutil.rmtree(self.daemon.images_dir, ignore_errors=True)
+        resident = store.memory_bytes(self.generation, self.manifest)
+        log.info("app fully resident: %.0f MiB of pages arrived and verified %.2f s after the restore began",
+                 resident / 1048576, time.monotonic() - self.started)
+        return True
+
+    def _failed(
+        self, store: Store, reason: str, culprit: str | None, pages_bad: bool, kill_app: Callable[[], None]
+    ) -> None:
+        """Kill the app, whose pages proved bad or could not all arrive, and raise LazyRestoreCorrupt (exit 7).
+
+        It has run on pages that were not verified yet (the window CKPT_LAZY=on
+        accepts): whatever it did since the restore is lost. Bad pages condemn
+        the generation; a daemon that failed does not (its claim says the app
+        ran: the next instance may roll back to it, see CKPT_ROLLBACK).
+        """
+        ran = time.monotonic() - self.started
+        kill_app()
+        self.daemon.kill()
+        if pages_bad:
+            store.reject(self.generation, f"lazy restore failed: {reason}", culprit=culprit)
+        raise LazyRestoreCorrupt(
+            f"killed the lazily restored app of {self.generation.name} after it ran {ran:.1f} s on pages not yet "
+            f"verified: {reason}. What it did and acknowledged since the restore is lost (CKPT_LAZY=on accepts this "
+            "window; CKPT_LAZY=off verifies every byte before the app runs). "
+            + ("The generation is rejected; the next start falls back to the previous one or a cold start"
+               if pages_bad else "The generation is kept for the next start"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,17 +19,15 @@ during a dump cannot start a second dump.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
 from typing import Any
 
-from supervisor_pkg import compat, cpu, criu, fingerprint, launcher, metrics
+from supervisor_pkg import compat, cpu, fingerprint, launcher, metrics
 from supervisor_pkg.checkpoint import AppFacts, CheckpointFlow
 from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
@@ -42,10 +40,9 @@ from supervisor_pkg.errors import (
     StoppedDuringRestore,
     StoreError,
     SupervisorError,
-    VerificationFailed,
 )
 from supervisor_pkg.lease import Heartbeat, Lease
-from supervisor_pkg.restore import Restored, RestoreFlow
+from supervisor_pkg.restore import LAZY_VERIFIED, LazyProblem, LazyRestore, Restored, RestoreFlow
 from supervisor_pkg.signals import SignalReceiver
 from supervisor_pkg.store import Claim, Generation, Store, identity, read_signing_key
 from supervisor_pkg.triggers import CLOUD_SOURCES, ActiveTriggers, Notice
@@ -58,34 +55,12 @@ FORWARDED_SIGNALS = frozenset(
 )
 _STDIO_FDS = (0, 1, 2)
 LEASE_LOST = "lease-lost"
-LAZY_VERIFIED = "lazy-pages-verified"
 # A notice shorter than this (GCP, Azure: ~30 s) goes straight to the final checkpoint;
 # a longer one (AWS: 2 min) gets a leave-running safety net first.
 LONG_NOTICE_SECONDS = 45.0
 # A fresh app gets this long to bind its own ports before the metrics server checks them and binds its own.
 METRICS_DELAY_AFTER_FRESH_START = 2.0
 _STARTED_AT = time.time()
-
-
-@dataclasses.dataclass
-class LazyRestore:
-    """A restore whose pages are still arriving, and whose page images are still being verified."""
-
-    generation: Generation
-    manifest: dict[str, Any]
-    daemon: criu.LazyPagesDaemon
-    started: float
-    daemon_done: bool = False
-    verified: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class LazyProblem:
-    """Posted by the background verifier: why the lazily restored app must die, and which generation is bad."""
-
-    reason: str
-    culprit: str | None = None  # an incremental checkpoint's parent, when the bad pages are there
-    pages_bad: bool = True  # False: the pages could not be checked (not evidence against the checkpoint)
 
 
 class State(enum.Enum):
@@ -285,7 +260,7 @@ class Supervisor:
         }
         if restored.daemon is not None:
             self.lazy = LazyRestore(restored.generation, restored.manifest, restored.daemon, restored.started)
-            threading.Thread(target=self._verify_pages_in_background, name="page-verifier", daemon=True).start()
+            self.lazy.verify_in_background(self.store, self.receiver.post)
 
     def _warm_fingerprints(self) -> None:
         """Hash the app's files in the background, so that its first checkpoint finds them hashed."""
@@ -367,67 +342,22 @@ class Supervisor:
             self._leave_running_checkpoint(Notice(source="periodic", final=False))
             self.next_periodic = time.monotonic() + self.config.interval
 
-    # --- a lazy restore: pages still arriving and being verified ---------------------
-    def _verify_pages_in_background(self) -> None:
-        """Hash the page images the daemon is serving; a mismatch kills the app (see _lazy_failed)."""
-        lazy = self.lazy
-        assert lazy is not None
-        try:
-            self.store.verify_pages(lazy.generation, lazy.manifest)
-        except VerificationFailed as error:
-            self.receiver.post(LazyProblem(error.message, error.generation))
-            return
-        except Exception as error:  # noqa: BLE001 - unverified pages must never be taken for verified ones
-            self.receiver.post(LazyProblem(f"the page check itself failed: {error!r}", pages_bad=False))
-            return
-        self.receiver.post(LAZY_VERIFIED)
-
+    # --- a lazy restore: pages still arriving and being verified (restore.LazyRestore) -------
     def _lazy_progress(self, event: object = None, daemon_status: int | None = None) -> None:
-        """Advance a lazy restore: verified, daemon done, or failed."""
-        lazy = self.lazy
-        if lazy is None:
+        """Advance a lazy restore: verified, daemon done, or failed (then the app is killed: exit 7)."""
+        if self.lazy is None:
             return
-        if isinstance(event, LazyProblem):
-            self._lazy_failed(event.reason, event.culprit, event.pages_bad)
-        if event == LAZY_VERIFIED:
-            lazy.verified = True
-        if daemon_status is not None:
-            if os.waitstatus_to_exitcode(daemon_status) != 0:
-                self._lazy_failed(f"CRIU's lazy-pages daemon failed ({criu.explain(lazy.daemon.log_path)}); "
-                                  f"log: {lazy.daemon.log_path}", pages_bad=False)
-            lazy.daemon_done = True
-        if lazy.daemon_done and lazy.verified:
-            if lazy.daemon.images_dir != lazy.generation.path:
-                shutil.rmtree(lazy.daemon.images_dir, ignore_errors=True)
-            resident = self.store.memory_bytes(lazy.generation, lazy.manifest)
-            log.info("app fully resident: %.0f MiB of pages arrived and verified %.2f s after the restore began",
-                     resident / 1048576, time.monotonic() - lazy.started)
+        try:
+            if self.lazy.advance(self.store, event, daemon_status, kill_app=self._kill_app_now):
+                self.lazy = None
+        except LazyRestoreCorrupt:
+            self.restored_claim = None  # killed by us, not ended on its own
             self.lazy = None
+            raise
 
-    def _lazy_failed(self, reason: str, culprit: str | None = None, pages_bad: bool = True) -> None:
-        """Kill a lazily restored app whose pages proved bad or could not all arrive, and exit 7.
-
-        It has run on pages that were not verified yet (the window CKPT_LAZY=on
-        accepts): whatever it did since the restore is lost. Bad pages condemn
-        the generation; a daemon that failed does not (its claim says the app
-        ran: the next instance may roll back to it, see CKPT_ROLLBACK).
-        """
-        lazy = self.lazy
-        assert lazy is not None
-        ran = time.monotonic() - lazy.started
+    def _kill_app_now(self) -> None:
         if self.app_pid is not None and self.app_status is None:
             os.kill(self.app_pid, signal.SIGKILL)
-        lazy.daemon.kill()
-        if pages_bad:
-            self.store.reject(lazy.generation, f"lazy restore failed: {reason}", culprit=culprit)
-        self.restored_claim = None  # killed by us, not ended on its own
-        self.lazy = None
-        raise LazyRestoreCorrupt(
-            f"killed the lazily restored app of {lazy.generation.name} after it ran {ran:.1f} s on pages not yet "
-            f"verified: {reason}. What it did and acknowledged since the restore is lost (CKPT_LAZY=on accepts this "
-            "window; CKPT_LAZY=off verifies every byte before the app runs). "
-            + ("The generation is rejected; the next start falls back to the previous one or a cold start"
-               if pages_bad else "The generation is kept for the next start"))
 
     def _wait_for_lazy_restore(self) -> None:
         """Before a new checkpoint: every page must be in and verified (CRIU would otherwise fault them in)."""
