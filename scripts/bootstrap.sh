@@ -31,6 +31,10 @@ need_pkg docker-compose docker-compose
 # The cross-engine tests (tests/integration/test_engines.py) restore under Podman too; containerd and ctr,
 # their other engine, come with docker.io.
 need_pkg podman podman
+# The Kubernetes drain replay (tests/integration/test_kubernetes_cri.py) starts pod sandboxes from a pause image
+# made of catatonit (static), and gives pods their network with the standard CNI plugins.
+need_pkg catatonit catatonit
+need_pkg /usr/lib/cni/bridge containernetworking-plugins
 
 if ! docker info >/dev/null 2>&1; then
     log "starting dockerd (log: /var/log/dockerd.log)"

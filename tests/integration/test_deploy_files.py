@@ -6,12 +6,16 @@
 (b) The Kubernetes manifests pass strict schema validation, offline, against
     every Kubernetes release kubernetes-validate bundles from 1.30 on (the
     first with securityContext.appArmorProfile); their CKPT_* settings parse
-    with the supervisor's own config parser.
+    with the supervisor's own config parser; every choice the handoff depends
+    on (issue 17: rollout strategy, probes, service links, image digest,
+    preStop, QoS, token, reclaim policy, placement) is pinned down.
 (c) compose/docker-compose.local-test.yml runs a real migration through
     docker-compose: up, store state, stop (final checkpoint), rm, up (restore).
+(d) compose/swarm/docker-stack.yml passes `docker stack config` with the
+    settings a Swarm handoff needs; tests/integration/test_swarm.py deploys it.
 
-docker-compose needs no engine for `config`; (c) needs the engine and the
-images (conftest.py checks both).
+docker-compose and `docker stack config` need no engine; (c) needs the engine
+and the images (conftest.py checks both).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ NFS_FILE = COMPOSE / "docker-compose.nfs.yml"
 RANCHER_COMPOSE_FILE = COMPOSE / "rancher" / "docker-compose.yml"
 RANCHER_SETTINGS_FILE = COMPOSE / "rancher" / "rancher-compose.yml"
 KUBERNETES_DIR = COMPOSE / "kubernetes"
+SWARM_STACK_FILE = COMPOSE / "swarm" / "docker-stack.yml"
+KV_APP = REPO / "examples" / "kv" / "kv.py"
 
 # What every deployment must give the container (README, "Container settings").
 CRIU_CAPABILITIES = {"SYS_ADMIN", "SYS_PTRACE", "SYS_TIME", "NET_ADMIN"}
@@ -79,8 +85,8 @@ def resolved(path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def assert_criu_settings(service: dict[str, Any]) -> None:
-    assert CRIU_CAPABILITIES <= set(service.get("cap_add", [])), service.get("cap_add")
-    assert CRIU_SECURITY_OPTS <= set(service.get("security_opt", [])), service.get("security_opt")
+    assert set(service.get("cap_add", [])) >= CRIU_CAPABILITIES, service.get("cap_add")
+    assert set(service.get("security_opt", [])) >= CRIU_SECURITY_OPTS, service.get("security_opt")
     assert "privileged" not in service
     assert service.get("stop_grace_period"), "SIGTERM must leave the dump time before SIGKILL"
     assert service["environment"].get("CKPT_NAME")
@@ -145,6 +151,11 @@ def test_rancher_stack_uses_rancher_nfs_and_keeps_the_checkpoints() -> None:
                                      "mntOptions": "hard,timeo=600,retrans=2"}
     service = stack["services"]["kv"]
     assert service["labels"]["io.rancher.container.pull_image"] == "always"
+    # The replacement avoids a host still listing this service's container, and hosts marked as doomed.
+    # $$: not interpolated by compose (`config` prints it escaped again), left to Rancher, which fills them in.
+    assert service["labels"]["io.rancher.scheduler.affinity:container_label_soft_ne"] == (
+        "io.rancher.stack_service.name=$${stack_name}/$${service_name}")
+    assert service["labels"]["io.rancher.scheduler.affinity:host_label_ne"] == "spot.terminating=true"
     assert "restart" not in service, "Rancher's service reconcile restarts containers, not Docker"
 
 
@@ -209,7 +220,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_kubernetes_manifests_pass_strict_schema_validation_offline(no_network: None) -> None:
     documents = kubernetes_documents()
-    assert {d["kind"] for _, d in documents} >= {"Deployment", "PersistentVolumeClaim", "Service"}
+    assert {d["kind"] for _, d in documents} >= {"Deployment", "PersistentVolumeClaim", "Service", "StorageClass"}
     for name, document in documents:
         assert "namespace" not in document["metadata"], f"{name}: the set is applied with kubectl -n"
         for version in supported_kubernetes_versions():
@@ -239,7 +250,9 @@ def test_deployment_hands_over_as_the_supervisor_needs() -> None:
     deployment = by_kind("Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}, "the old pod must checkpoint and release the lease first"
+    # The old pod terminates first, and the new one is created as it starts terminating (not once it is gone,
+    # as with Recreate; not before it, as with maxSurge 1, which stalls on the lease).
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     pod = spec["template"]["spec"]
     # Long enough for a dump, short enough to be honoured on an AWS spot node (2 min notice).
     assert 30 <= pod["terminationGracePeriodSeconds"] <= 110
@@ -249,9 +262,10 @@ def test_deployment_hands_over_as_the_supervisor_needs() -> None:
     assert security["seccompProfile"] == {"type": "Unconfined"}
     assert security["appArmorProfile"] == {"type": "Unconfined"}
     assert not security.get("privileged")
-    assert "livenessProbe" not in container, "it would restore the app on a doomed node after a notice"
+    assert pod["automountServiceAccountToken"] is False, "no API token beside SYS_ADMIN and no seccomp"
+    assert pod.get("restartPolicy", "Always") == "Always"
 
-    # The PVC is shared (RWX) and is the one mounted at /checkpoints.
+    # The PVC is shared (RWX) and is the one mounted at /checkpoints; its class keeps the volume.
     claim = by_kind("PersistentVolumeClaim")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -259,12 +273,112 @@ def test_deployment_hands_over_as_the_supervisor_needs() -> None:
     checkpoints = [n for n, v in volumes.items() if "persistentVolumeClaim" in v]
     assert [volumes[n]["persistentVolumeClaim"]["claimName"] for n in checkpoints] == [claim["metadata"]["name"]]
     assert mounts[checkpoints[0]]["mountPath"] == "/checkpoints"
+    storage_class = by_kind("StorageClass")
+    assert claim["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+    assert storage_class["reclaimPolicy"] == "Retain", "Delete would delete the checkpoints with the claim"
 
     # Service targets the pod's named port.
     service = by_kind("Service")
     assert service["spec"]["selector"] == spec["template"]["metadata"]["labels"]
     port_names = {p["name"] for p in container["ports"]}
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+
+
+def kv_container() -> dict[str, Any]:
+    [container] = by_kind("Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_probes_let_a_restore_finish_and_never_restart_an_idle_supervisor() -> None:
+    container = kv_container()
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    loaded = supervisor_config.load({k: v for k, v in env.items() if k.startswith("CKPT_") and v is not None})
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    startup = container["startupProbe"]
+    # The app answers only after the lease wait and the restore: the budget covers both (a stalled restore ends
+    # itself after CKPT_RESTORE_STALL); a failing startup probe restarts the container.
+    budget = startup["periodSeconds"] * startup["failureThreshold"] + startup.get("initialDelaySeconds", 0)
+    assert budget >= loaded.handoff_timeout + 2 * loaded.restore_stall, budget
+    assert startup["httpGet"]["port"] == "http"
+    # Ready within a second of the app answering: the service's downtime is the app's plus one period.
+    readiness = container["readinessProbe"]
+    assert readiness["httpGet"] == {"path": "/health", "port": "http"}
+    assert startup["periodSeconds"] == readiness["periodSeconds"] == 1
+    # Liveness asks the supervisor, which answers while it idles without the app after a cloud notice.
+    liveness = container["livenessProbe"]
+    assert ports[liveness["httpGet"]["port"]] == loaded.metrics_port != 0
+    assert liveness["httpGet"]["path"] == "/metrics"
+    # The metrics server starts up to 2 s after a fresh start: liveness tolerates it.
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 10
+
+
+def test_the_pod_is_guaranteed_and_drains_before_sigterm() -> None:
+    container = kv_container()
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"], "Guaranteed QoS: requests equal limits"
+    assert set(resources["limits"]) >= {"cpu", "memory"}
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # A short drain of in-flight requests, leaving nearly all of the grace period to the dump.
+    assert 0 < pre_stop <= 5 < pod["terminationGracePeriodSeconds"] - pre_stop
+
+
+def test_the_image_is_pinned_by_digest_and_recorded() -> None:
+    container = kv_container()
+    match = re.fullmatch(r"[\w.-]+(?::\d+)?(?:/[\w.-]+)+@(sha256:[0-9a-f]{64})", container["image"])
+    assert match, f"not pinned by digest: {container['image']}"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CKPT_IMAGE_ID"]["value"] == match.group(1), "CKPT_IMAGE_ID must be the image's digest"
+    # The lease and the manifests name the node (supervisor_pkg/engine.py reads NODE_NAME).
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def service_link_variables(services: list[dict[str, Any]]) -> set[str]:
+    """What the kubelet injects per Service when enableServiceLinks is on (pkg/kubelet/envvars)."""
+    names = set()
+    for service in services:
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        names |= {f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT", f"{prefix}_PORT"}
+        for port in service["spec"]["ports"]:
+            protocol = port.get("protocol", "TCP")
+            base = f"{prefix}_PORT_{port['port']}_{protocol}"
+            names |= {base, f"{base}_PROTO", f"{base}_PORT", f"{base}_ADDR"}
+            if port.get("name"):
+                names.add(f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}")
+    return names
+
+
+def injected_variables_the_app_reads(deployment: dict[str, Any]) -> set[str]:
+    pod = deployment["spec"]["template"]["spec"]
+    if pod.get("enableServiceLinks", True) is False:
+        return set()
+    read = set(re.findall(r"os\.environ\.get\(\"(\w+)\"", KV_APP.read_text()))
+    assert "KV_PORT" in read, "the example no longer reads KV_PORT: update this test"
+    return read & service_link_variables([by_kind("Service")])
+
+
+def test_no_service_link_variable_reaches_the_app() -> None:
+    """With the Service named kv, a service link would set KV_PORT=tcp://IP:8080: the example crash-loops."""
+    deployment = by_kind("Deployment")
+    assert injected_variables_the_app_reads(deployment) == set()
+    # The check can fail: with the links on, KV_PORT is injected.
+    linked = copy.deepcopy(deployment)
+    linked["spec"]["template"]["spec"]["enableServiceLinks"] = True
+    assert "KV_PORT" in injected_variables_the_app_reads(linked)
+
+
+def test_the_replacement_prefers_another_spot_pool() -> None:
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    labels = by_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
+    terms = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    keys = {term["podAffinityTerm"]["topologyKey"] for term in terms}
+    assert keys == {"node.kubernetes.io/instance-type", "topology.kubernetes.io/zone"}
+    for term in terms:
+        assert term["podAffinityTerm"]["labelSelector"] == {"matchLabels": labels}
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"], (
+        "required anti-affinity against the terminating old pod could leave the replacement unschedulable")
 
 
 def test_deployment_signing_key_secret_is_optional_and_consistent() -> None:
@@ -289,12 +403,63 @@ def test_deployment_signing_key_secret_is_optional_and_consistent() -> None:
     assert key_name and key_file.group(1) == f"{mount['mountPath']}/{key_name.group(1)}"
 
     # Every other CKPT_* value parses, and with the Secret present the whole set does.
-    settings = {name: e["value"] for name, e in env.items() if "value" in e}
-    known = {setting.variable for setting in supervisor_config.SETTINGS}
-    assert set(env) <= known, f"unknown settings: {set(env) - known}"
-    loaded = supervisor_config.load({**settings, "CKPT_SIGNING_KEY_FILE": key_file.group(1)})
+    settings = {name: e["value"] for name, e in env.items() if "value" in e and name.startswith("CKPT_")}
+    known = {setting.variable for setting in supervisor_config.SETTINGS} | supervisor_config.NOT_SETTINGS
+    variables = {name for name in env if name.startswith("CKPT_")}
+    assert variables <= known, f"unknown settings: {variables - known}"
+    assert set(env) - variables <= {"NODE_NAME"}
+    loaded = supervisor_config.load({name: value for name, value in settings.items()
+                                     if name not in supervisor_config.NOT_SETTINGS}
+                                    | {"CKPT_SIGNING_KEY_FILE": key_file.group(1)})
     assert loaded.signing_key_file == key_file.group(1)
     assert {p["containerPort"] for p in container["ports"]} >= {8080, loaded.metrics_port}
+
+
+# (d) the Swarm stack -----------------------------------------------------------------------------------------
+
+def stack_config(env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`docker stack config`: the CLI's own loader (interpolation, schema), no engine needed."""
+    result = subprocess.run(["docker", "stack", "config", "-c", str(SWARM_STACK_FILE)], capture_output=True,
+                            text=True, timeout=60, env=compose_env(env), check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker stack config failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def test_swarm_stack_passes_docker_stack_config_with_what_a_handoff_needs() -> None:
+    stack = yaml.safe_load(stack_config(NFS_ENV).stdout)
+    service = stack["services"]["kv"]
+    assert service["image"] == KV_IMAGE
+    assert set(service["cap_add"]) >= CRIU_CAPABILITIES
+    # Swarm drops security_opt (stack deploy says "Ignoring unsupported options"): seccomp is the daemon's.
+    assert "security_opt" not in service and "privileged" not in service
+    assert service["stop_grace_period"]
+    deploy = service["deploy"]
+    assert deploy["replicas"] == 1
+    # No routing mesh or VIP without IPVS; mode host publishes on the task's node.
+    assert deploy["endpoint_mode"] == "dnsrr"
+    assert [port["mode"] for port in service["ports"]] == ["host"]
+    # A drain restarts under any and on-failure; only any restarts a task stopped (exit 0) by its dockerd.
+    assert deploy["restart_policy"]["condition"] == "any"
+    # start-first: the new task waits for the old one's lease while it still runs (test_swarm.py).
+    assert deploy["update_config"]["order"] == "start-first"
+    assert "healthcheck" not in service, "with start-first, a health check on the app deadlocks the update"
+    assert "node.labels.criu == true" in deploy["placement"]["constraints"]
+    assert service["environment"]["CKPT_HOST_NAME"] == "{{.Node.Hostname}}"
+    settings = {k: str(v) for k, v in service["environment"].items()
+                if k.startswith("CKPT_") and k not in supervisor_config.NOT_SETTINGS}
+    assert set(settings) <= {setting.variable for setting in supervisor_config.SETTINGS}
+    supervisor_config.load(settings)
+    volume = stack["volumes"]["checkpoints"]["driver_opts"]
+    assert volume["type"] == "nfs"
+    assert volume["o"] == "addr=192.0.2.10,nfsvers=4.1,hard,timeo=600,retrans=2,rw"
+    assert volume["device"] == ":/srv/checkpoints"
+
+
+def test_swarm_stack_names_the_missing_nfs_server() -> None:
+    result = stack_config(check=False)
+    assert result.returncode != 0
+    assert "NFS_SERVER" in result.stderr
 
 
 # (c) a migration through docker-compose ----------------------------------------------------------------------
