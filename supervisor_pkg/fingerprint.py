@@ -100,14 +100,17 @@ def record(pids: Iterable[int], command: Sequence[str], exclude: Iterable[str], 
 
 def differences(
     recorded: Mapping[str, Any], command: Sequence[str], recorded_command: Any, version: str | None,
-    recorded_version: Any,
+    recorded_version: Any, image: str | None = None, recorded_image: Any = None,
 ) -> list[str]:
     """How this container's app differs from the one a checkpoint was made of ([] if it is the same).
 
     Checkpoints made before fingerprints were recorded (no command recorded)
-    are taken as the same app.
+    are taken as the same app. `image`: what the deployment says of the image
+    (CKPT_IMAGE_ID, e.g. its digest), compared only when both sides know it.
     """
     changes = []
+    if image and isinstance(recorded_image, str) and recorded_image and recorded_image != image:
+        changes.append(f"the image was {_short(recorded_image)}, it is {_short(image)} here (CKPT_IMAGE_ID)")
     if isinstance(recorded_command, list) and list(recorded_command) != list(command):
         changes.append(_command_change(list(recorded_command), list(command)))
     if (recorded_version or None) != (version or None):

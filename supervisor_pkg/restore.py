@@ -188,8 +188,10 @@ class RestoreFlow:
         log.debug("verified %s's metadata in %.3f s", generation.name, time.monotonic() - verifying)
 
         app = _app_section(manifest)
+        source: dict[str, Any] = manifest["source"] if isinstance(manifest.get("source"), dict) else {}
         changes = fingerprint.differences(app.get("files") or {}, self.command, app.get("command"),
-                                          self.config.app_version, app.get("version"))
+                                          self.config.app_version, app.get("version"),
+                                          os.environ.get("CKPT_IMAGE_ID"), source.get("image_id"))
         if changes:
             reason = f"the app changed since {generation.name} was made: {'; '.join(changes)}"
             log.warning("not restoring %s into another app: %s; starting fresh (the checkpoint is kept for its own "

@@ -1108,3 +1108,15 @@ def test_the_same_app_with_a_rebuilt_but_identical_file_is_restored(
     generation = publish_fake_generation(supervisor.store, app={"command": ["app"], "files": {str(script): same}})
     supervisor.start()
     assert start_world.restored == [generation.path]
+
+
+def test_a_generation_of_another_image_digest_is_not_restored(
+    leased_supervisor: Supervisor, start_world: StartWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = leased_supervisor
+    monkeypatch.setenv("CKPT_IMAGE_ID", "sha256:" + "a" * 64)
+    generation = publish_fake_generation(supervisor.store, app={"command": ["app"], "files": {}})
+    monkeypatch.setenv("CKPT_IMAGE_ID", "sha256:" + "b" * 64)  # a deploy of another image
+    supervisor.start()
+    assert start_world.restored == [] and start_world.spawned == [["app"]]
+    assert "(CKPT_IMAGE_ID)" in Path(generation.path, "app-changed.json").read_text()
