@@ -6,7 +6,9 @@
     3. open a staging generation on the volume; CRIU dumps the app's tree into
        it and leaves the tree STOPPED; page images are hashed (or, with
        CKPT_COMPRESS, compressed) while CRIU writes them;
-    4. pack the files the app uses from the container's writable layer;
+    4. carry the container's writable layer: walk it while the app is frozen,
+       and pack what changed since the container started (walked once more
+       just before the dump, while the app still runs, to warm the caches);
     5. a leave-running checkpoint resumes the app here; the store hashes and
        fsyncs the rest, writes the manifest, checks the lease again and renames
        the generation into place (publication is atomic);
@@ -61,6 +63,27 @@ class CheckpointFlow:
         # a final dump may then write only the pages dirtied since (see _incremental_parent).
         self.incremental_base: Generation | None = None
         self.dirty_tracking_failed = False  # a dump with track_mem or a parent failed: no more tries this run
+        self.layer: carried.LayerRecorder | None = None  # the container's filesystem at the app's start
+
+    def record_layer(self, restored_from: Generation | None) -> None:
+        """Record the container's filesystem as it is now, in the background: the app has just started.
+
+        What changes after this is the writable layer each checkpoint carries; a restored app's
+        generation adds what it carried and deleted. Only the container's init records (PID 1, or
+        the child of an --init): elsewhere "/" is not a container's filesystem (tests run on a
+        host), and checkpoints carry the app's open files and CKPT_STATE_PATHS as before.
+        """
+        if os.getpid() != 1 and os.getppid() != 1:
+            log.debug("not the container's init: its filesystem is not recorded, only open files are carried")
+            return
+        previous = None
+        if restored_from is not None and restored_from.has(carried.ARCHIVE):
+            previous = f"{restored_from.path}/{carried.ARCHIVE}"
+        self.layer = carried.LayerRecorder(exclude=self._never_carried(), previous=previous).start()
+
+    def _never_carried(self) -> list[str]:
+        """What is never carried beside the kernel's, the engine's and the supervisor's own (see carried.py)."""
+        return [self.config.dir, self.config.control_socket, *self.config.carry_exclude]
 
     def run(
         self, app: AppFacts, lease: Lease, final: bool, trigger: str, requested: float
@@ -74,6 +97,8 @@ class CheckpointFlow:
         stdio = _stdio_of(app.pid)
         app_files = fingerprint.record(launcher.namespace_members(app.pid), app.command, [self.config.dir],
                                        app.container_started)  # while the app runs; warmed in the background
+        if self.layer is not None:
+            self.layer.prepare(app.container_started)  # while the app runs: the walk while it is frozen is then short
         parent = self._incremental_parent(final)
         track_mem = parent is not None or (not final and self.tracks_dirty_pages())
         try:
@@ -182,17 +207,32 @@ class CheckpointFlow:
             log.info("unix socket bound as %s is reachable as %s: recorded under that name", old, new)
 
     def _carry_files(self, app: AppFacts, images_dir: str, destination: str) -> int:
-        """Pack the app's files from the writable layer into the generation (see carried.py)."""
+        """Pack the writable layer into the generation (see carried.py); the number of regular files carried.
+
+        Runs while the app is frozen, after CRIU's dump: what is carried is what its memory knows.
+        """
         opened = [carried.OpenFile(path, writable) for path, writable in criu.opened_files(images_dir)]
+        started = time.monotonic()
         paths = carried.select(opened, self.config.state_paths, app.carried_paths,
-                               exclude=[self.config.dir], since=app.container_started)
-        if paths or self.config.state_paths:
-            try:
-                carried.archive(paths, self.config.state_paths, f"{destination}/{carried.ARCHIVE}")
-            except OSError as error:
-                raise StoreError(f"cannot carry the app's files: {error}") from error
-            log.info("carrying %d file(s) from the container's writable layer", len(paths))
-        return len(paths)
+                               exclude=self._never_carried(), since=app.container_started)
+        deleted: list[str] = []
+        changes = self.layer.changes(app.container_started) if self.layer is not None else None
+        if changes is not None:
+            paths = sorted({*paths, *changes.paths})
+            deleted = changes.deleted
+        if not (paths or deleted or self.config.state_paths):
+            return 0
+        try:
+            files = carried.archive(paths, self.config.state_paths, f"{destination}/{carried.ARCHIVE}",
+                                    deleted=deleted)
+            size = os.stat(f"{destination}/{carried.ARCHIVE}").st_size
+        except OSError as error:
+            raise StoreError(f"cannot carry the app's files: {error}") from error
+        walk = f", walked {changes.walked} entries in {changes.seconds:.3f} s" if changes is not None else ""
+        log.info("carrying %d file(s) from the container's writable layer (%d entries, %d deletions, %.1f MiB; "
+                 "%.3f s while frozen%s)", files, len(paths), len(deleted), size / 1048576,
+                 time.monotonic() - started, walk)
+        return files
 
     def incremental_plan(self) -> str:
         """What the final dump after a safety net will be, and why, for the log."""

@@ -17,7 +17,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
 import stat
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterable
@@ -270,7 +273,7 @@ def test_archive_keeps_directories_links_and_the_group_write_bit_through_a_round
     os.link(table, state / "ibdata1.hardlink")
     make(state / "binlog/0002.log", b"events", 0o640)
     (state / "binlog/current").symlink_to("0002.log")
-    (state / "passwd-link").symlink_to("/etc/passwd")  # reaches nothing carried: left out
+    (state / "passwd-link").symlink_to("/etc/passwd")  # reaches nothing carried: kept as text all the same
     os.utime(state, (OLD_TIME, OLD_TIME))
     destination = tmp_path / carried.ARCHIVE
     paths = select(state_paths=[str(state)])
@@ -286,7 +289,9 @@ def test_archive_keeps_directories_links_and_the_group_write_bit_through_a_round
     assert os.stat(new_state / "ibdata1").st_ino == os.stat(new_state / "ibdata1.hardlink").st_ino
     assert stat.S_IMODE(os.stat(new_state / "test").st_mode) == 0o700
     assert os.readlink(new_state / "binlog/current") == "0002.log"
-    assert not os.path.lexists(new_state / "passwd-link")
+    # Changed: links to what the archive does not carry were left out (and refused by extract); the
+    # whole writable layer comes back now, an app's link to an image file as well.
+    assert os.readlink(new_state / "passwd-link") == "/etc/passwd"
     assert os.stat(new_state).st_mtime == OLD_TIME
 
 
@@ -389,19 +394,37 @@ def test_a_dot_member_is_refused_and_the_root_keeps_its_owner(tmp_path: Path) ->
     refuses(source, root, r"member '\.': it names the root directory")
 
 
-def test_an_etc_member_leaves_the_images_etc_with_its_owner_mode_and_mtime(tmp_path: Path) -> None:
+@AS_ROOT
+def test_an_etc_member_gives_the_images_etc_the_owner_mode_and_times_it_had_in_the_old_container(
+    tmp_path: Path,
+) -> None:
+    # Changed: the image's directories were left as they were ("an image directory's owner or mode is never
+    # changed"). A directory the app changed is part of its writable layer: it comes back as it was. The
+    # archive could replace any file of the root filesystem already, so this gives it no new power; the
+    # root directory itself stays out of reach (test above).
     root = image(tmp_path)
-    before = os.stat(root / "etc")
     source = craft(
         tmp_path / carried.ARCHIVE,
-        member("etc", kind=tarfile.DIRTYPE, mode=0o777, uid=65534, gid=65534, mtime=1),
+        member("etc", kind=tarfile.DIRTYPE, mode=0o4750, uid=65534, gid=65533, mtime=1),
         member("etc/app.conf", b"key=value\n", mode=0o600),
     )
     assert put_back(source, root) == ["/etc/app.conf"]
     after = os.stat(root / "etc")
-    assert (after.st_uid, after.st_gid, after.st_mode, after.st_mtime_ns) == (
-        before.st_uid, before.st_gid, before.st_mode, before.st_mtime_ns)
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode), after.st_mtime_ns) == (
+        65534, 65533, 0o750, 1_000_000_000), "setuid means nothing on a directory: not carried"
     assert (root / "etc/app.conf").read_bytes() == b"key=value\n"
+
+
+def test_a_listed_directory_that_is_a_mount_point_here_keeps_its_owner_and_mode(tmp_path: Path) -> None:
+    # A volume's root directory is not the writable layer's, even where the old container had a plain one.
+    root = image(tmp_path)
+    (root / "data").mkdir()
+    before = os.stat(root / "data")
+    source = craft(tmp_path / carried.ARCHIVE, member("data", kind=tarfile.DIRTYPE, mode=0o777, mtime=1),
+                   member("tmp/a", b"a"))
+    put_back(source, root, mounts=["/", "/data"])
+    after = os.stat(root / "data")
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
 
 
 ENGINE_MOUNTS = ("/", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
@@ -484,24 +507,44 @@ def test_a_symlink_member_is_never_a_parent_of_another_member(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("target", [
-    "/etc/shadow", "../../../../../../../etc/passwd", "../../etc/passwd", "not-carried.db", "", "/", "..",
-    "missing/../app.db",  # through a directory that is not the archive's: the kernel might go elsewhere
+    "/etc/shadow", "../../../../../../../etc/passwd", "../../etc/passwd", "not-carried.db", "/", "..",
+    "missing/../app.db", "/proc/self/fd/1", "/run/secrets/key",
 ])
-def test_a_symlink_to_anything_but_a_carried_file_is_refused(tmp_path: Path, target: str) -> None:
+def test_a_symlink_comes_back_with_its_target_as_the_app_made_it_and_nothing_is_written_through_it(
+    tmp_path: Path, target: str
+) -> None:
+    # Changed: a symlink had to reach a carried file, anything else refused the archive. With the whole
+    # writable layer carried, an app's links to the image, /dev/stdout or a secret must come back as they
+    # were; extract() never follows one, nor writes beneath one, so a link is only text to it.
     root = image(tmp_path)
+    before = snapshot(tmp_path / "outside")
     source = craft(
         tmp_path / carried.ARCHIVE,
         member("var/lib/app/app.db", b"rows"),
         member("var/lib/app/link", kind=tarfile.SYMTYPE, linkname=target),
     )
-    refuses(source, root, "member 'var/lib/app/link': .*symbolic link")
+    put_back(source, root)
+    assert os.readlink(root / "var/lib/app/link") == target
+    assert snapshot(tmp_path / "outside") == before
 
 
-def test_a_symlink_to_the_outside_given_as_an_absolute_path_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["", "a\x00b", "x" * 4096])
+def test_an_empty_nul_or_overlong_symlink_target_is_refused(tmp_path: Path, target: str) -> None:
+    root = image(tmp_path)
+    info, _data = member("var/lib/app/link", kind=tarfile.SYMTYPE)
+    info.pax_headers = {"linkpath": target}
+    source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), (info, b""))
+    refuses(source, root, "member 'var/lib/app/link': its symbolic link target is empty, too long, or has a NUL")
+
+
+def test_a_symlink_to_the_outside_given_as_an_absolute_path_is_put_back_and_never_followed(tmp_path: Path) -> None:
+    # Changed: refused before (see above); the canary outside the root is still untouched.
     root = image(tmp_path)
     source = craft(tmp_path / carried.ARCHIVE,
                    member("var/lib/app/link", kind=tarfile.SYMTYPE, linkname=str(tmp_path / "outside/canary")))
-    refuses(source, root, "which is not one of the carried files")
+    put_back(source, root)
+    assert os.readlink(root / "var/lib/app/link") == str(tmp_path / "outside/canary")
+    assert (tmp_path / "outside/canary").read_bytes() == b"original"
 
 
 @pytest.mark.parametrize(("target", "kind"), [
@@ -521,11 +564,24 @@ def test_a_hard_link_to_anything_but_a_carried_regular_file_is_refused(tmp_path:
     refuses(source, root, "it is a hard link to .*, which is not a carried regular file")
 
 
-@pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE])
-def test_devices_and_fifos_are_refused(tmp_path: Path, kind: bytes) -> None:
+@pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.BLKTYPE, b"Q"])
+def test_devices_and_unknown_types_are_refused(tmp_path: Path, kind: bytes) -> None:
+    # Changed: FIFOs were refused too; they are part of the writable layer now (next test).
     root = image(tmp_path)
     source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), member("tmp/node", kind=kind))
-    refuses(source, root, "member 'tmp/node': it is a (character device|block device|FIFO)")
+    refuses(source, root, "member 'tmp/node': it is (a character device|a block device|of tar type b'Q')")
+
+
+@AS_ROOT
+def test_a_fifo_is_put_back_with_its_mode_owner_and_times(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    info, data = member("run/app/control", kind=tarfile.FIFOTYPE, mode=0o620, uid=4242, gid=4243, mtime=1_500_000_000)
+    info.pax_headers = {"atime": "1400000000.5"}
+    assert put_back(craft(tmp_path / carried.ARCHIVE, (info, data)), root) == []
+    restored = os.lstat(root / "run/app/control")
+    assert stat.S_ISFIFO(restored.st_mode)
+    assert (stat.S_IMODE(restored.st_mode), restored.st_uid, restored.st_gid) == (0o620, 4242, 4243)
+    assert (restored.st_mtime_ns, restored.st_atime_ns) == (1_500_000_000_000_000_000, 1_400_000_000_500_000_000)
 
 
 @pytest.mark.parametrize(("name", "pax", "reason"), [
@@ -804,3 +860,254 @@ def test_a_hostile_member_name_is_refused_and_nothing_is_written(tmp_path: Path,
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != carried.ARCHIVE)
     assert written == [], f"{report}; wrote {written}"
     assert report.startswith("refused"), report
+
+
+# --- the writable layer: exact times, holes, deletions --------------------------------------------------------
+def sparse_member(name: str, size: int, extents: list[tuple[int, int]], data: bytes | None = None,
+                  count: int | None = None) -> tuple[tarfile.TarInfo, bytes]:
+    """A GNU 1.0 sparse member as anyone may write it: the map (count, offset, length...) then the data."""
+    numbers = [len(extents) if count is None else count, *(n for extent in extents for n in extent)]
+    prefix = ("\n".join(str(n) for n in numbers) + "\n").encode()
+    prefix += b"\0" * (-len(prefix) % 512)
+    if data is None:
+        data = b"".join(bytes([65 + index % 26]) * length for index, (_offset, length) in enumerate(extents))
+    body = data
+    info, _ = member(name)
+    info.size = len(prefix) + len(body)
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                        "GNU.sparse.realsize": str(size)}
+    return info, prefix + body
+
+
+def test_a_sparse_file_comes_back_with_its_holes_and_tar_reads_the_same_bytes(tmp_path: Path) -> None:
+    # A database's preallocated or punched file: 64 MiB apparent, 8 KiB of data, a hole at the end too.
+    old = tmp_path / "old/var/lib/app/table.ibd"
+    old.parent.mkdir(parents=True)
+    with open(old, "wb") as handle:
+        handle.seek(4096)
+        handle.write(b"page" * 1024)
+        handle.seek(32 << 20)
+        handle.write(b"leaf" * 1024)
+        handle.truncate(64 << 20)
+    if os.stat(old).st_blocks * 512 >= 1 << 20:
+        pytest.skip("this filesystem does not keep holes")
+    destination = tmp_path / carried.ARCHIVE
+    carried.archive([str(old)], [], str(destination))
+    assert os.path.getsize(destination) < 64 * 1024, "only the data is stored"
+    replacement = tmp_path / "replacement"
+    replacement.mkdir()
+
+    put_back(destination, replacement)
+
+    restored = moved(replacement, old)
+    assert restored.read_bytes() == old.read_bytes()
+    assert os.stat(restored).st_size == 64 << 20
+    assert os.stat(restored).st_blocks <= os.stat(old).st_blocks + 8
+    with tarfile.open(destination) as tar:  # GNU's format: any tar reads the same bytes
+        reader = tar.extractfile(str(old).lstrip("/"))
+        assert reader is not None and reader.read() == old.read_bytes()
+    if shutil.which("tar"):  # GNU tar too, the hole at the end included (its (size, 0) extent)
+        (tmp_path / "by-tar").mkdir()
+        subprocess.run(["tar", "-C", str(tmp_path / "by-tar"), "-xf", str(destination)], check=True)
+        assert moved(tmp_path / "by-tar", old).read_bytes() == old.read_bytes()
+
+
+def test_a_file_that_is_all_hole_comes_back_as_one(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    source = craft(tmp_path / carried.ARCHIVE, sparse_member("var/lib/app/empty.img", 1 << 30, []))
+    put_back(source, root)
+    info = os.stat(root / "var/lib/app/empty.img")
+    assert (info.st_size, info.st_blocks) == (1 << 30, 0)
+
+
+@pytest.mark.parametrize(("extents", "size"), [
+    ([(4096, 10), (0, 10)], 8192),  # out of order
+    ([(0, 100), (50, 10)], 8192),  # overlapping
+    ([(8000, 500)], 8192),  # past its size
+    ([(0, -1)], 8192),
+])
+def test_a_sparse_map_out_of_order_overlapping_or_past_the_size_is_refused(
+    tmp_path: Path, extents: list[tuple[int, int]], size: int
+) -> None:
+    root = image(tmp_path)
+    data = b"d" * sum(max(length, 0) for _offset, length in extents)
+    source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"),
+                   sparse_member("var/lib/app/t.ibd", size, extents, data))
+    refuses(source, root, "member 'var/lib/app/t.ibd': (its sparse map is out of order|its -?[0-9]+ bytes of data)")
+
+
+def test_a_sparse_map_promising_more_data_than_the_archive_holds_is_refused(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"),
+                   sparse_member("var/lib/app/t.ibd", 1 << 40, [(0, 1 << 39)], data=b"short"))
+    refuses(source, root, "(run past the end of the archive|not a readable tar archive)")
+
+
+def test_a_sparse_map_cut_short_is_refused_not_looped_over(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    info, data = sparse_member("var/lib/app/t.ibd", 8192, [(0, 10)], count=10**6)  # a million extents promised
+    refuses(craft(tmp_path / carried.ARCHIVE, (info, data)), root, "is not a readable tar archive")
+
+
+def test_sparse_formats_the_archive_never_writes_are_refused(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    info, data = member("var/lib/app/t.ibd", b"0123456789")
+    info.pax_headers = {"GNU.sparse.map": "0,10", "GNU.sparse.size": "8192"}  # GNU's 0.1
+    refuses(craft(tmp_path / carried.ARCHIVE, (info, data)), root, "a sparse file in a format carried.archive never")
+
+
+@AS_ROOT
+def test_mtimes_and_atimes_come_back_to_the_nanosecond(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    (old / "dir").mkdir(parents=True)
+    make(old / "dir/file", b"x")
+    (old / "dir/link").symlink_to("file")
+    os.mkfifo(old / "dir/fifo")
+    times = {"dir/file": (1_400_000_000_123_456_789, 1_500_000_000_987_654_321),
+             "dir/link": (1_400_000_001_000_000_001, 1_500_000_001_000_000_002),
+             "dir/fifo": (1_400_000_002_000_000_003, 1_500_000_002_000_000_004),
+             "dir": (1_400_000_003_000_000_005, -1)}  # before 1970, too
+    for name, (atime, mtime) in times.items():
+        os.utime(old / name, ns=(atime, mtime), follow_symlinks=False)
+    destination = tmp_path / carried.ARCHIVE
+    carried.archive([str(old / name) for name in times], [], str(destination))
+    replacement = tmp_path / "replacement"
+    replacement.mkdir()
+
+    put_back(destination, replacement)
+
+    for name, expected in times.items():
+        info = os.lstat(moved(replacement, old / name))
+        assert (info.st_atime_ns, info.st_mtime_ns) == expected, name
+
+
+@pytest.mark.parametrize("atime", ["yesterday", "1e9", "nan", "99999999999999999999"])
+def test_an_atime_that_is_not_a_time_is_refused(tmp_path: Path, atime: str) -> None:
+    root = image(tmp_path)
+    info, data = member("tmp/a", b"a")
+    info.pax_headers = {"atime": atime}
+    refuses(craft(tmp_path / carried.ARCHIVE, (info, data)), root, "its atime .* is not a valid time")
+
+
+def test_hard_links_in_different_directories_come_back_as_one_inode(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    first = make(old / "a/data.db", b"rows")
+    os.link(first, make(old / "b/placeholder").parent / "data.db")
+    destination = tmp_path / carried.ARCHIVE
+    assert carried.archive([str(first), str(old / "b/data.db")], [], str(destination)) == 2
+    replacement = tmp_path / "replacement"
+    replacement.mkdir()
+    put_back(destination, replacement)
+    a, b = os.stat(moved(replacement, first)), os.stat(moved(replacement, old / "b/data.db"))
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+
+
+def whiteout(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    return member(name, kind=carried.WHITEOUT)
+
+
+def test_deletions_remove_a_file_a_whole_directory_and_ignore_what_is_not_there(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    make(root / "etc/motd", b"welcome")
+    make(root / "usr/share/doc/pkg/deep/er/readme", b"doc")
+    (root / "usr/share/doc/pkg/to-the-canary").symlink_to(tmp_path / "outside")  # removed, never followed
+    make(root / "usr/share/doc/other/readme", b"kept")
+    source = craft(tmp_path / carried.ARCHIVE, whiteout("etc/motd"), whiteout("usr/share/doc/pkg"),
+                   whiteout("var/lib/never-there"), whiteout("var/lib/never/there"))
+    os.utime(root / "etc", ns=(OLD_TIME * 10**9, OLD_TIME * 10**9))
+    assert put_back(source, root) == []
+    assert not os.path.lexists(root / "etc/motd") and not os.path.lexists(root / "usr/share/doc/pkg")
+    assert (root / "usr/share/doc/other/readme").read_bytes() == b"kept"
+    assert (tmp_path / "outside/canary").read_bytes() == b"original"
+    assert os.stat(root / "etc").st_mtime_ns == OLD_TIME * 10**9, "the directory above keeps its mtime"
+
+
+def test_a_deletion_and_a_new_entry_at_the_same_name_replace_a_directory_by_a_link_and_a_file_by_a_directory(
+    tmp_path: Path,
+) -> None:
+    root = image(tmp_path)
+    make(root / "opt/vendor/lib.so", b"image")
+    make(root / "srv", b"a file in the image")
+    source = craft(
+        tmp_path / carried.ARCHIVE,
+        whiteout("opt"), member("opt", kind=tarfile.SYMTYPE, linkname="var/lib/app"),
+        whiteout("srv"), member("srv", kind=tarfile.DIRTYPE, mode=0o750), member("srv/www/index.html", b"hi"),
+        member("var/lib/app/state", b"s"),
+    )
+    put_back(source, root)
+    assert os.readlink(root / "opt") == "var/lib/app"
+    assert stat.S_IMODE(os.lstat(root / "srv").st_mode) == 0o750
+    assert (root / "srv/www/index.html").read_bytes() == b"hi"
+    assert [name for name in os.listdir(root) if name.startswith(".carried-")] == []
+
+
+def test_a_failure_before_the_deletions_deletes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image(tmp_path)
+    make(root / "etc/motd", b"welcome")
+    source = craft(tmp_path / carried.ARCHIVE, whiteout("etc/motd"), member("var/lib/app/a.db", b"rows"))
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    refuses(source, root, "cannot write it: No space left on device; nothing was put back")
+    assert (root / "etc/motd").read_bytes() == b"welcome"
+
+
+@pytest.mark.parametrize(("name", "mounts", "reason"), [
+    ("proc/sys", (), "/proc/sys is under /proc, the kernel's: carried files never delete there"),
+    ("run/secrets", (), "is the engine's secrets"),
+    ("run", (), "deleting /run would delete /run/secrets, the engine's secrets"),
+    ("etc/hosts", (), "the container engine's own file"),
+    ("etc", (), "deleting /etc would delete /etc/hosts"),
+    ("checkpoints", (), "the checkpoint volume"),
+    ("run/criu-supervisor", (), "the supervisor's own"),
+    ("data", ("/", "/data"), "/data is a mount point in this container"),
+    ("srv", ("/", "/srv/volume"), "/srv/volume is a mount point in this container: carried files never delete"),
+    ("data/old.db", ("/", "/data"), "/data is a mount point"),
+])
+def test_deletions_never_touch_the_kernels_the_engines_the_volume_or_a_mount(
+    tmp_path: Path, name: str, mounts: tuple[str, ...], reason: str
+) -> None:
+    root = image(tmp_path)
+    for directory in ("proc/sys", "run/secrets", "run/criu-supervisor", "checkpoints/default", "data",
+                      "srv/volume"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    make(root / "data/old.db", b"on the volume")
+    source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), whiteout(name))
+    refuses(source, root, re.escape(reason), exclude=("/checkpoints",), mounts=mounts)
+
+
+def test_a_deletion_through_a_symlinked_parent_is_refused_and_the_canary_untouched(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    (root / "var/cache").symlink_to(tmp_path / "outside")
+    source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), whiteout("var/cache/canary"))
+    refuses(source, root, "/var/cache is a symbolic link in this container, not a directory: carried files never "
+                          "delete through links")
+
+
+def test_a_deletion_on_another_filesystem_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image(tmp_path)
+    make(root / "srv/app.db", b"on the volume")
+    on_another_device(monkeypatch, root / "srv")
+    source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), whiteout("srv/app.db"))
+    refuses(source, root, "/srv is on another filesystem than the container's root")
+
+
+def test_a_path_deleted_twice_is_refused(tmp_path: Path) -> None:
+    root = image(tmp_path)
+    make(root / "etc/motd", b"welcome")
+    refuses(craft(tmp_path / carried.ARCHIVE, whiteout("etc/motd"), whiteout("etc/motd")), root,
+            "it is deleted twice in the archive")
+
+
+@pytest.mark.parametrize("name", ["", ".", "../etc", "/etc/motd", "etc/../../x"])
+def test_a_deletion_with_a_hostile_name_is_refused(tmp_path: Path, name: str) -> None:
+    root = image(tmp_path)
+    refuses(craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), whiteout(name)), root, "member")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs chroot(2)")
+def test_in_the_chroot_a_deletion_of_the_root_or_beyond_it_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make(root / "etc/motd", b"welcome")
+    craft(root / carried.ARCHIVE, whiteout("etc/motd"), whiteout("../../etc"))
+    report = extract_in_chroot(root, "/" + carried.ARCHIVE)
+    assert report.startswith("refused"), report
+    assert (root / "etc/motd").read_bytes() == b"welcome"
