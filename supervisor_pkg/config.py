@@ -110,7 +110,8 @@ def _optional_path(variable: str, raw: str) -> str | None:
     return _path(variable, raw)
 
 
-def _path_list(variable: str, raw: str) -> tuple[str, ...]:
+def _absolute_paths(variable: str, raw: str) -> tuple[str, ...]:
+    """':'-separated absolute paths, without '..' or characters a path should not hold."""
     paths = tuple(part for part in raw.split(":") if part)
     for part in paths:
         if not part.startswith("/") or "/../" in part + "/":
@@ -118,9 +119,23 @@ def _path_list(variable: str, raw: str) -> tuple[str, ...]:
         problem = _path_problem(part)
         if problem:
             raise ConfigError(f"{variable}={_shown(raw)} is not valid: in {part[:60]!r}, {problem}")
+    return paths
+
+
+def _path_list(variable: str, raw: str) -> tuple[str, ...]:
+    paths = _absolute_paths(variable, raw)
+    for part in paths:
         if part.rstrip("/") == "" or _in_kernel_tree(part):
             raise ConfigError(f"{variable}={_shown(raw)} is not valid: {part} cannot be carried (/proc, /sys and "
                               "/dev are the kernel's, not the app's)")
+    return tuple(part.rstrip("/") for part in paths)
+
+
+def _exclude_list(variable: str, raw: str) -> tuple[str, ...]:
+    paths = _absolute_paths(variable, raw)
+    if any(part.rstrip("/") == "" for part in paths):
+        raise ConfigError(f"{variable}={_shown(raw)} is not valid: / cannot be excluded (nothing the app wrote "
+                          "would reach the replacement, whose restore then fails): name the paths to leave out")
     return tuple(part.rstrip("/") for part in paths)
 
 
@@ -289,7 +304,15 @@ SETTINGS: tuple[Setting, ...] = (
             "A file (e.g. a Docker/Kubernetes secret) with the HMAC-SHA256 key that signs manifests; "
             "restore then refuses unsigned or wrongly signed generations."),
     Setting("CKPT_STATE_PATHS", "", _path_list,
-            "Extra paths in the container's writable layer to carry inside each checkpoint, ':'-separated."),
+            "Extra paths in the container's writable layer to carry inside each checkpoint, ':'-separated: "
+            "everything under them, changed or not. Mostly redundant since the whole writable layer is carried "
+            "(docs/writable-layer.md); still what is carried, with the app's open files, where the layer is not "
+            "recorded (the supervisor is not the container's init)."),
+    Setting("CKPT_CARRY_EXCLUDE", "", _exclude_list,
+            "Paths of the writable layer never carried, ':'-separated (e.g. a cache the app rebuilds): nothing at "
+            "or beneath them is carried or deleted, so the replacement keeps its image's copy. Never carried "
+            "anyway: CKPT_DIR and other mounts, /proc, /sys, /dev, /run/secrets, the engine's files, the "
+            "supervisor's and CRIU's own."),
     Setting("CKPT_TRIGGERS", "sigterm,control,file,auto", _triggers,
             "What asks for checkpoints: sigterm (CKPT_SIGNAL), control (the socket behind `criu-supervisor "
             "checkpoint`), file (a checkpoint-request file on the volume), periodic (CKPT_INTERVAL), aws, gcp, "
@@ -322,6 +345,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CKPT_IO_URING", "deny", _choice("deny", "allow"),
             "deny: the app's io_uring_setup() fails with ENOSYS, so runtimes (libuv, Node.js) fall back to epoll "
             "before opening a ring, which CRIU cannot dump; allow: io_uring works, checkpoints of apps using it fail."),
+    Setting("CKPT_MPTCP", "deny", _choice("deny", "allow"),
+            "deny: the app's socket() calls asking for Multipath TCP (IPPROTO_MPTCP) fail with EPROTONOSUPPORT, as "
+            "on a kernel without MPTCP, so runtimes (Go >= 1.24 listeners) use plain TCP, which CRIU can dump; "
+            "allow: MPTCP works, checkpoints of apps holding an MPTCP socket fail (the log line says so)."),
     Setting("CKPT_SHARE_IPC", "0", _toggle,
             "1: the app shares the container's IPC namespace (SysV shared memory with a sidecar), which CRIU then "
             "cannot carry; 0: the app gets its own, carried with it."),
@@ -382,6 +409,7 @@ class Config:
     handoff_timeout: float
     signing_key_file: str | None
     state_paths: tuple[str, ...]
+    carry_exclude: tuple[str, ...]
     triggers: tuple[str, ...]
     interval: float
     deadline_margin: float
@@ -393,6 +421,7 @@ class Config:
     compress: str
     lazy: str
     io_uring: str
+    mptcp: str
     share_ipc: bool
     own_proc: bool
     cpu_baseline: str

@@ -13,8 +13,12 @@ Facts that shape this code (verified with CRIU 4.2.1):
 - swrk runs with fds 0-2 closed (as pycriu does), so fds given in inherit_fd
   must be dups above 2.
 A CRIU failure becomes DumpFailed/RestoreFailed with one readable line (the
-likely cause and its fix, see `explain`) and the path of the full CRIU log; a
-failed restore also says whose fault it is (`restore_fault`).
+likely cause and its fix, see `explain`, which reads every error line of the
+log and CRIU's own hints, and never advises a setting this container already
+has: `Granted`) and the path of the full CRIU log; a failed restore also says
+whose fault it is (`restore_fault`). What a dump needs turned on (file locks,
+linked remaps) is found in /proc before each dump (dump_needs.py), so no
+caller and no setting has to ask for it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import ctypes.util
 import dataclasses
 import functools
 import glob
+import logging
 import os
 import quopri
 import re
@@ -41,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from supervisor_pkg import bundle, dump_needs, launcher
 from supervisor_pkg.errors import (
     CHECKPOINT_AT_FAULT,
     CONTAINER_AT_FAULT,
@@ -52,7 +58,16 @@ from supervisor_pkg.errors import (
 )
 from supervisor_pkg.volume import Directory, VolumeRefusal, real_path
 
+log = logging.getLogger("criu-supervisor")
+
 CRIU_BINARY = "criu"
+
+
+def criu_command() -> list[str]:
+    """argv prefix that runs CRIU: `criu` on PATH, or the bundle's, through its own loader (bundle.py)."""
+    if CRIU_BINARY != "criu":  # pointed elsewhere (tests, a custom build)
+        return [CRIU_BINARY]
+    return bundle.program("criu")
 # Deleted-but-open files are copied into the checkpoint (ghost files) up to this
 # size each; CRIU's default of 1 MiB is too small for real apps' temp files.
 GHOST_LIMIT = 256 << 20
@@ -92,7 +107,7 @@ def preload() -> threading.Thread:
 def version() -> str:
     """CRIU's version, e.g. '4.2.1'."""
     try:
-        out = subprocess.run([CRIU_BINARY, "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([*criu_command(), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as error:
         raise EnvironmentProblem(
             f"cannot run {CRIU_BINARY}: {error}; use the base image, which ships CRIU 4.2"
@@ -107,7 +122,7 @@ def version() -> str:
 def has_feature(name: str) -> bool:
     """`criu check --feature NAME` succeeded (e.g. mem_dirty_track: soft-dirty pre-dumps)."""
     try:
-        result = subprocess.run([CRIU_BINARY, "check", "--feature", name], capture_output=True, timeout=30)
+        result = subprocess.run([*criu_command(), "check", "--feature", name], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
@@ -168,10 +183,11 @@ class _Swrk:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = criu_command()
         try:
             os.set_inheritable(theirs.fileno(), True)
             self.pid = os.posix_spawnp(
-                CRIU_BINARY, [CRIU_BINARY, "swrk", str(theirs.fileno())], os.environ,
+                command[0], [*command, "swrk", str(theirs.fileno())], os.environ,
                 file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2)],
             )
         except OSError as error:
@@ -304,6 +320,7 @@ def dump(
         if mount_namespace:
             _carry_mount_namespace(opts)
         _set_tcp(opts, tcp)
+        _ask_for_what_the_app_needs(opts, pid)
         started = time.monotonic()
         try:
             response = _exchange(rpc.criu_req(type=rpc.DUMP, opts=opts))
@@ -320,6 +337,55 @@ def dump(
                 log_path=log_path,
             )
     return DumpResult(seconds=time.monotonic() - started, log_path=log_path)
+
+
+# The CRIU options turned on for this app so far, each logged once (the first dump that needs it).
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(option: str, message: str) -> None:
+    if option in _ANNOUNCED:
+        log.debug("%s", message)
+    else:
+        _ANNOUNCED.add(option)
+        log.info("%s", message)
+
+
+def _listed(items: Sequence[str], most: int = 3) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _ask_for_what_the_app_needs(opts: Any, pid: int) -> None:
+    """Turn on CRIU's file_locks and link_remap when the app's processes need them (see dump_needs.py).
+
+    Found in /proc just before the dump, so no setting is needed; the app is
+    not frozen yet, so a lock taken in between fails the dump with CRIU's
+    "Some file locks are hold" (explained), and the next checkpoint carries it.
+    """
+    needs = dump_needs.inspect(launcher.namespace_members(pid) or [pid])
+    if needs.file_locks:
+        opts.file_locks = True
+        _announce("file_locks", f"the app holds {len(needs.file_locks)} file lock(s) "
+                  f"({_listed([lock.describe() for lock in needs.file_locks])}): CRIU's file_locks is on, so "
+                  "they are checkpointed and taken again on restore")
+    if needs.link_remaps:
+        opts.link_remap = True
+        _announce("link_remap", f"the app holds {len(needs.link_remaps)} file(s) open under a removed name that "
+                  f"another hard link keeps ({_listed(list(needs.link_remaps))}): CRIU's link_remap is on, so each is "
+                  "linked as link_remap.N beside its old name for the restore to open it")
+
+
+# CRIU writes filelocks.img with its magic only when no lock was dumped (criu/image-desc.c: CR_FD_FILE_LOCKS).
+_FILE_LOCKS_IMAGE = "filelocks.img"
+_EMPTY_IMAGE_SIZE = 8  # two 32-bit magics
+
+
+def _has_file_locks(images_dir: str) -> bool:
+    try:
+        return os.stat(os.path.join(images_dir, _FILE_LOCKS_IMAGE)).st_size > _EMPTY_IMAGE_SIZE
+    except OSError:
+        return False
 
 
 class LazyPagesDaemon:
@@ -347,7 +413,7 @@ class LazyPagesDaemon:
         os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.work_dir, self.SOCKET))
-        argv = [CRIU_BINARY, "lazy-pages", "--images-dir", self.images_dir, "--work-dir", self.work_dir,
+        argv = [*criu_command(), "lazy-pages", "--images-dir", self.images_dir, "--work-dir", self.work_dir,
                 "--log-file", self.log_path, f"-v{self.log_level}"]
         try:
             self.pid = os.posix_spawnp(argv[0], argv, os.environ, setsid=True)
@@ -419,6 +485,8 @@ def restore(
             # app has open say nothing about its state; their sizes (and build ids) are still checked.
             opts.skip_file_rwx_check = True
             opts.lazy_pages = lazy  # pages come from a LazyPagesDaemon sharing log_dir
+            # Without file_locks CRIU restores the files but silently not their locks (prepare_file_locks).
+            opts.file_locks = _has_file_locks(images_dir)
             if mount_namespace:
                 _carry_mount_namespace(opts)
                 opts.root = "/"  # CRIU 4.2.1 crashes in mount.c without it
@@ -756,14 +824,220 @@ def _set_tcp(opts: Any, tcp: str) -> None:
         opts.tcp_close = True
 
 
+# What the container grants the supervisor, and so CRIU (its child), read when a failure is explained:
+# advice never names a setting that is already there (the fix for "add --cap-add SYS_PTRACE" when the
+# container has it is another one). Bits from <linux/capability.h>.
+_CAPABILITY_BITS = {"DAC_READ_SEARCH": 2, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24,
+                    "SYS_TIME": 25, "CHECKPOINT_RESTORE": 40}
+
+
+@dataclasses.dataclass(frozen=True)
+class Granted:
+    """The supervisor's effective capabilities, and whether a seccomp filter or an AppArmor profile confines it."""
+
+    capabilities: frozenset[str]
+    seccomp_filter: bool
+    apparmor_profile: bool = False
+
+    @classmethod
+    def parse(cls, status: str, apparmor: str = "") -> Granted:
+        """From /proc/self/status (CapEff, Seccomp) and /proc/self/attr/current (the AppArmor label)."""
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        try:
+            effective = int(fields.get("CapEff", "0").strip() or "0", 16)
+        except ValueError:
+            effective = 0
+        names = frozenset(name for name, bit in _CAPABILITY_BITS.items() if effective >> bit & 1)
+        label = apparmor.strip().rstrip("\0")
+        return cls(names, fields.get("Seccomp", "0").strip() not in ("", "0"),
+                   bool(label) and not label.startswith("unconfined"))
+
+    @classmethod
+    def of_this_process(cls, proc: str = "/proc") -> Granted:
+        status = _read_text(f"{proc}/self/status")
+        apparmor = _read_text(f"{proc}/self/attr/apparmor/current") or _read_text(f"{proc}/self/attr/current")
+        return cls.parse(status, apparmor)
+
+    def has(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+
+# What a container of nothing grants: every fix is worth naming (for a log read away from its container).
+NOTHING_GRANTED = Granted(frozenset(), seccomp_filter=True, apparmor_profile=True)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """One line of CRIU's log, read: its message, the whole log, what the container grants, and /proc."""
+
+    message: str
+    match: re.Match[str]
+    log: Sequence[str]
+    granted: Granted
+    proc: str
+
+
+# Advice is a text, or a function of the failure that returns the text, or None when the cause it knows is
+# ruled out (e.g. the capability it would ask for is already granted): the next line or rule is tried.
+_Advice = str | Callable[[_Failure], "str | None"]
+
+
+def _missing(granted: Granted, *capabilities: str, seccomp: bool = False, apparmor: bool = False) -> list[str]:
+    """The container settings among these that are not in effect here, as `docker run` flags."""
+    flags = [f"--cap-add {name}" for name in capabilities if not granted.has(name)]
+    if seccomp and granted.seccomp_filter:
+        flags.append("--security-opt seccomp=unconfined")
+    if apparmor and granted.apparmor_profile:
+        flags.append("--security-opt apparmor=unconfined")
+    return flags
+
+
+def _needs_capability(capability: str, advice: str) -> Callable[[_Failure], str | None]:
+    """`advice` (which names --cap-add CAPABILITY) only when the container lacks it."""
+    return lambda failure: None if failure.granted.has(capability) else advice
+
+
+def _status_of(proc: str, pid: str) -> dict[str, str]:
+    text = _read_text(f"{proc}/{pid}/status")
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+
+def _unseizable(failure: _Failure) -> str | None:
+    """CRIU could not PTRACE_SEIZE a process: traced by another, or ptrace denied to CRIU."""
+    pid, state = failure.match.group("pid"), failure.match.group("state")
+    status = _status_of(failure.proc, pid)
+    tracer = status.get("TracerPid", "0")
+    traced = tracer not in ("", "0")
+    if state == "t" or traced:
+        by = f" by pid {tracer} ({_status_of(failure.proc, tracer).get('Name', '?')})" if traced else ""
+        return (f"pid {pid} ({status.get('Name', '?')}) of the app is traced{by} (a debugger, strace, or the app's "
+                "own tracer: zdtm ptrace_sig), and a traced process cannot be checkpointed (ptrace allows one tracer); "
+                "detach the tracer before checkpoints")
+    missing = _missing(failure.granted, "SYS_PTRACE")
+    if missing:
+        return ("CRIU cannot ptrace the app (it runs as another user, or the host restricts ptrace with Yama); add "
+                + " ".join(missing))
+    return (f"CRIU could not ptrace pid {pid} (state {state}) although this container has CAP_SYS_PTRACE: the "
+            "host restricts ptrace further (Yama kernel.yama.ptrace_scope=3, or an LSM such as SELinux or a custom "
+            "AppArmor profile); allow ptrace for the container on the host")
+
+
+def _suspending_seccomp(failure: _Failure) -> str:
+    if failure.granted.seccomp_filter:
+        return ("CRIU runs under a seccomp filter (the engine's default profile: Docker's, Podman's, Kubernetes' "
+                "RuntimeDefault), so it cannot suspend the app's filters; run the container unconfined "
+                "(docker/podman run --security-opt seccomp=unconfined; Kubernetes "
+                "securityContext.seccompProfile.type: Unconfined)")
+    return ("the kernel refused to suspend the app's seccomp filters although CRIU runs without one: "
+            "PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN in the host's user namespace, which a container in a user "
+            "namespace (rootless engine, userns-remap) does not have; run the container in the host's user namespace")
+
+
+def _needs_sys_admin(failure: _Failure) -> str:
+    if not failure.granted.has("SYS_ADMIN"):
+        return "CRIU needs CAP_SYS_ADMIN; add --cap-add SYS_ADMIN"
+    return ("CRIU has CAP_SYS_ADMIN only inside a user namespace (rootless engine, userns-remap), which is not "
+            "enough; run the container in the host's user namespace")
+
+
+def _fsnotify(failure: _Failure) -> str:
+    if not failure.granted.has("DAC_READ_SEARCH"):
+        return "the app holds inotify/fanotify watches; add --cap-add DAC_READ_SEARCH"
+    return ("the app watches (inotify/fanotify) a file on a filesystem whose file handles cannot be opened again "
+            "(overlayfs: the image's files and the writable layer), so even with CAP_DAC_READ_SEARCH CRIU cannot "
+            "find it; watch files on a volume, or under /etc")
+
+
+def _iptables(failure: _Failure) -> str:
+    exited = next((re.search(r"exited, status=(\d+)", line) for line in failure.log if "exited, status=" in line), None)
+    steps = []
+    if exited is None or exited.group(1) == "127" or shutil.which("iptables") is None:
+        steps.append("install iptables in the app's image")
+    steps += ["add " + flag for flag in _missing(failure.granted, "NET_ADMIN")]
+    fix = " and ".join(steps) or "check the iptables error above"
+    return (f"CKPT_TCP=established locks the app's TCP connections with iptables during the dump: {fix}, or set "
+            "CKPT_TCP=close")
+
+
+def _link_remap_failed(failure: _Failure) -> str:
+    what = ("the app holds a file open under a name that was removed while another hard link keeps it (a linked "
+            "remap); CRIU links it again beside its old name (link_remap.N) from its fd, ")
+    if not failure.granted.has("DAC_READ_SEARCH"):
+        return what + "which the kernel allows only with CAP_DAC_READ_SEARCH; add --cap-add DAC_READ_SEARCH"
+    return what + ("and that failed: its directory is read-only or gone; keep such files on a writable volume "
+                   "mounted in every container of the app")
+
+
+def _generic_eperm(failure: _Failure) -> str | None:
+    missing = _missing(failure.granted, "SYS_ADMIN", "SYS_PTRACE", "SYS_TIME", "NET_ADMIN", seccomp=True,
+                       apparmor=True)
+    if missing:
+        return "CRIU lacks a permission; add " + " ".join(missing)
+    return ("CRIU was denied something although this container has every setting it needs (SYS_ADMIN, SYS_PTRACE, "
+            "SYS_TIME, NET_ADMIN, no seccomp filter or AppArmor profile): a user namespace, an LSM (SELinux) or a "
+            "read-only path; see the full CRIU log")
+
+
+def _generic_ptrace(failure: _Failure) -> str | None:
+    missing = _missing(failure.granted, "SYS_PTRACE", seccomp=True)
+    if missing:
+        return "CRIU cannot ptrace the app: add " + " and ".join(missing)
+    return None  # the container's settings are not the cause: quote the line, let its own words speak
+
+
+# The VMAs CRIU lists while dumping ("Handling VMA with the following smaps entry: START-END PERMS ...").
+_VMA_LINE = re.compile(
+    r"smaps entry: (?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) (?P<perms>\S{4}) \S+ \S+ \S+\s*(?P<name>.*)$")
+
+
+def _mapping_at(log: Sequence[str], address: int) -> str | None:
+    """The mapping CRIU listed that contains `address`, as 'START-END PERMS (SIZE, NAME)'."""
+    for line in log:
+        vma = _VMA_LINE.search(line)
+        if vma and int(vma.group("start"), 16) <= address < int(vma.group("end"), 16):
+            size = (int(vma.group("end"), 16) - int(vma.group("start"), 16)) >> 20
+            name = vma.group("name").strip() or "anonymous"
+            return f"{vma.group('start')}-{vma.group('end')} {vma.group('perms')} ({size} MiB, {name})"
+    return None
+
+
+def _cannot_poke(failure: _Failure) -> str | None:
+    """compel writes its parasite's syscall at the start of the task's first executable mapping; a shared read+exec
+    mapping (a JIT's code buffer: PHP opcache's JIT) refuses ptrace writes with EIO."""
+    poke = next((re.search(r"Can't poke (\d+) @ 0x([0-9a-f]+)", line) for line in failure.log if "Can't poke" in line),
+                None)
+    # Else the parasite's syscall_ip, logged per task: the last one before the failure is the failing task's.
+    before = failure.log[:next((n for n, line in enumerate(failure.log) if "POKEDATA failed" in line), None)]
+    syscall_ip = next((re.search(r"syscall_ip at 0x([0-9a-f]+)", line) for line in reversed(before)
+                       if "syscall_ip at" in line), None)
+    address = int(poke.group(2), 16) if poke else int(syscall_ip.group(1), 16) if syscall_ip else None
+    mapping = _mapping_at(failure.log, address) if address is not None else None
+    if mapping is None or not re.search(r" r.xs ", f" {mapping.split(' ')[1]} "):
+        return None
+    pid = f" of pid {poke.group(1)}" if poke else ""
+    return (f"CRIU cannot write its parasite code into the app: the first executable mapping{pid} is shared "
+            f"memory, {mapping}, which ptrace cannot write: a JIT's code buffer. PHP's opcache JIT: set "
+            "opcache.jit_buffer_size=0 (opcache keeps caching bytecode); another JIT: turn off its shared "
+            "executable buffer")
+
+
 # CRIU log messages -> cause; fix. Each was provoked with CRIU 4.2.1 in a real
-# container (tests/integration/test_doctor_and_failures.py, docs/troubleshooting.md)
-# unless marked "not provoked here". Patterns match the message, after CRIU's
-# "Error (file.c:line): " prefix, so that a file name (compel/.../ptrace.c) is
-# never taken for a cause. Specific causes are tried on every error line before
-# the generic ones (_GENERIC_FAILURES): an early, vague EPERM must not hide the
-# real cause logged after it.
-_KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
+# container (tests/integration/test_doctor_and_failures.py, test_popular_servers.py,
+# docs/troubleshooting.md) unless marked "not provoked here". Patterns match the
+# message, after CRIU's "Error (file.c:line): " prefix, so that a file name
+# (compel/.../ptrace.c) is never taken for a cause. Specific causes are tried on
+# every error line before the generic ones (_GENERIC_FAILURES): an early, vague
+# EPERM must not hide the real cause logged after it. An advice that is a function
+# sees what the container grants and returns None when its fix is already there.
+_KNOWN_FAILURES: tuple[tuple[str, _Advice], ...] = (
     # CKPT_SHARE_IPC=1: SysV objects the app maps belong to the container, not to the dumped tree.
     (r"doesn't live in IPC ns",
      "the app uses SysV IPC objects of the container's IPC namespace, which CRIU cannot carry; set "
@@ -782,36 +1056,64 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
     (r"send_fds failed \(-22\)",
      "the app most likely holds an io_uring instance, whose fd the kernel will not hand to CRIU; keep "
      "CKPT_IO_URING=deny"),
+    # Multipath TCP (IPPROTO_MPTCP = 262): Go >= 1.24 listens with it when the kernel has it; CRIU 4.2 dumps only
+    # TCP, UDP(-lite) and raw inet sockets. CRIU's next line suggests GODEBUG=multipathtcp=0 (quoted with it).
+    (r"Unsupported proto 262\b",
+     "the app has a Multipath TCP socket (Go >= 1.24 listens with MPTCP), which CRIU cannot dump; keep "
+     "CKPT_MPTCP=deny (the default: socket() with IPPROTO_MPTCP then fails as on a kernel without MPTCP, and Go "
+     "falls back to TCP), or start the app with GODEBUG=multipathtcp=0"),
+    (r"Unsupported proto \d+",
+     "the app has an inet socket of a protocol CRIU cannot dump (SCTP, DCCP...); close it before checkpoints, or "
+     "move that work out of the app"),
     (r"Can't dump file \d+ of that type|Unknown shit \d+",
      "the app holds a kind of file CRIU cannot checkpoint (named above); close it before checkpoints, or move "
      "that work out of the app"),
-    (r"fsnotify:\s*Can't dump that handle",
-     "the app holds inotify/fanotify watches; add --cap-add DAC_READ_SEARCH"),
+    # File locks are found in /proc before every dump and CRIU's file_locks turned on (dump_needs.py): this one
+    # was taken between that look and the freeze.
+    (r"Some file locks are hold by dumping tasks",
+     "the app took a file lock after the supervisor looked for its locks, just before the dump (it turns CRIU's "
+     "file_locks on whenever the app holds one); the next checkpoint carries it"),
+    # Not provoked here: a POSIX lock CRIU cannot attribute to a process of the tree, or a lock the restore cannot
+    # take again (another process in the replacement holds it).
+    (r"Unresolved lock found|Can not set (posix lock|flock)|Dump file lock failed|Unknown file lock",
+     "CRIU could not carry one of the app's file locks: the locked file is shared with a process outside the app, "
+     "or another process in this container holds the lock; keep other processes off the app's locked files"),
+    # Linked remaps are found before every dump and CRIU's link_remap turned on (dump_needs.py).
+    (r"Can't create link remap|--link-remap",
+     "the app holds a file open under a name removed after the supervisor looked (another hard link keeps the "
+     "file); it turns CRIU's link_remap on whenever it finds one: the next checkpoint carries it"),
+    # CRIU links the file again from its fd (linkat AT_EMPTY_PATH, which the kernel allows only with
+    # CAP_DAC_READ_SEARCH), trying the directory, then each parent, and gives up with "trim failed".
+    (r"trim failed: @link_remap|Can't link remap to|Can't link .*link_remap", _link_remap_failed),
+    # The app's own mount namespace (CKPT_OWN_PROC=1, or one the app made) with a mount whose peer or master is
+    # outside it. Not provoked here.
+    (r"has unreachable sharing|--enable-external-(sharing|masters)|[Ee]xternal mount .* not found",
+     "the app has a mount namespace of its own with a mount shared with, or a slave of, a mount outside it; set "
+     "CKPT_OWN_PROC=1 (the supervisor then dumps external sharing and masters), and make no mount namespace in the "
+     "app itself"),
+    (r"POKEDATA failed: Input/output error|Can't poke \d+ @", _cannot_poke),
+    (r"fsnotify:\s*Can't dump that handle", _fsnotify),
     (r"Can't get rlimit \d+: Operation not permitted",
-     "the app runs as another user and CRIU needs CAP_SYS_RESOURCE to read its limits; add --cap-add SYS_RESOURCE"),
-    (r"Unseizable non-zombie|Can't seize|Unable to seize",
-     "CRIU cannot ptrace the app (it runs as another user, or the host restricts ptrace with Yama); add "
-     "--cap-add SYS_PTRACE"),
-    (r"suspending seccomp failed",
-     "CRIU runs under a seccomp filter (the engine's default profile: Docker's, Podman's, Kubernetes' "
-     "RuntimeDefault), so it cannot suspend the app's filters; run the container unconfined (docker/podman run "
-     "--security-opt seccomp=unconfined; Kubernetes securityContext.seccompProfile.type: Unconfined)"),
-    (r"CRIU needs to have the CAP_SYS_ADMIN",
-     "CRIU needs CAP_SYS_ADMIN; add --cap-add SYS_ADMIN"),
+     _needs_capability("SYS_RESOURCE", "the app runs as another user and CRIU needs CAP_SYS_RESOURCE to read its "
+                       "limits; add --cap-add SYS_RESOURCE")),
+    (r"Unseizable non-zombie (?P<pid>\d+) found, state (?P<state>\S)", _unseizable),
+    (r"Can't seize|Unable to seize",
+     _needs_capability("SYS_PTRACE", "CRIU cannot ptrace the app (it runs as another user, or the host restricts "
+                       "ptrace with Yama); add --cap-add SYS_PTRACE")),
+    (r"suspending seccomp failed", _suspending_seccomp),
+    (r"CRIU needs to have the CAP_SYS_ADMIN", _needs_sys_admin),
     (r"session leader is outside",
      "the app's session leader is outside its PID namespace; start it through criu-supervisor run"),
     # Not provoked here: the supervisor always passes tcp_close or tcp_established.
     (r"Connected TCP socket|consider using --tcp-established",
      "the app has established TCP connections; set CKPT_TCP=close or CKPT_TCP=established"),
     # CKPT_TCP=established: CRIU runs iptables to lock the connections during the dump.
-    (r"Iptables configuration failed|Failed to lock TCP connection",
-     "CKPT_TCP=established locks the app's TCP connections with iptables during the dump: install iptables in "
-     "the app's image and add --cap-add NET_ADMIN, or set CKPT_TCP=close"),
+    (r"Iptables configuration failed|Failed to lock TCP connection", _iptables),
     # Not provoked here (iptables fails first without NET_ADMIN).
     (r"TCP repair mode|Can't (turn|set) .*repair",
-     "CKPT_TCP=established needs TCP repair mode; add --cap-add NET_ADMIN"),
+     _needs_capability("NET_ADMIN", "CKPT_TCP=established needs TCP repair mode; add --cap-add NET_ADMIN")),
     (r"SO_SNDBUFFORCE|SO_RCVBUFFORCE",
-     "restoring the app's sockets needs CAP_NET_ADMIN; add --cap-add NET_ADMIN"),
+     _needs_capability("NET_ADMIN", "restoring the app's sockets needs CAP_NET_ADMIN; add --cap-add NET_ADMIN")),
     (r"External socket is used|--ext-unix-sk",
      "the app is connected to a Unix socket whose other end is outside it (another process in the container, a "
      "sidecar, /dev/log); start that peer from the app's command so it is checkpointed too, or close the "
@@ -828,7 +1130,7 @@ _KNOWN_FAILURES: tuple[tuple[str, str], ...] = (
      "the app is attached to a terminal whose other end is outside it (not the container's own, which is "
      "carried); start the process that owns it from the app's command, or run without a TTY"),
     (r"timens|clock.*offset|Can't set.*time",
-     "the time-namespace offset was denied; add --cap-add SYS_TIME"),
+     _needs_capability("SYS_TIME", "the time-namespace offset was denied; add --cap-add SYS_TIME")),
     (r"No space left on device|ENOSPC",
      "the checkpoint volume is full; free space or give CKPT_DIR a larger volume"),
     (r"Read-only file system|EROFS",
@@ -868,12 +1170,9 @@ def restore_fault(log_path: str) -> str:
 
 
 # Tried only when no line has a specific cause.
-_GENERIC_FAILURES: tuple[tuple[str, str], ...] = (
-    (r"ptrace|PTRACE|[Cc]an't infect",
-     "CRIU cannot ptrace the app: add --cap-add SYS_PTRACE and --security-opt seccomp=unconfined"),
-    (r"Operation not permitted|EPERM",
-     "CRIU lacks a permission; add --cap-add SYS_ADMIN SYS_PTRACE SYS_TIME NET_ADMIN and "
-     "--security-opt seccomp=unconfined --security-opt apparmor=unconfined"),
+_GENERIC_FAILURES: tuple[tuple[str, _Advice], ...] = (
+    (r"ptrace|PTRACE|[Cc]an't infect", _generic_ptrace),
+    (r"Operation not permitted|EPERM", _generic_eperm),
 )
 
 
@@ -883,6 +1182,12 @@ _GENERIC_FAILURES: tuple[tuple[str, str], ...] = (
 _HARMLESS = (r"tun: Unable to create tun", r"Can't setup RLIMIT_NOFILE", r"RLIMIT_NOFILE",
              r"Unable to create a veth pair", r"reported by netlink: Operation not permitted",
              r"net: Unexpected error: -1\(Operation not permitted\)")
+
+# CRIU follows some errors with a line that suggests what to do ("For Go programs, consider using
+# GODEBUG=multipathtcp=0"). Such a hint is quoted with its error, unless it names a CRIU option (--file-locks,
+# --ext-unix-sk...): those are the supervisor's to set, and its own advice says what to do instead.
+_HINT = re.compile(r"\b([Cc]onsider|[Ss]uggest|[Yy]ou (can|may|should) try)\b")
+_CRIU_OPTION = re.compile(r"(^|\s)--[a-z]")
 
 
 def _clean(line: str) -> str:
@@ -896,25 +1201,49 @@ def _message(line: str) -> str:
     return re.sub(r"^Error \([^)]*\):\s*", "", line)
 
 
-def _advice(text: str, table: tuple[tuple[str, str], ...]) -> str | None:
+def _advice(text: str, table: tuple[tuple[str, _Advice], ...], log: Sequence[str], granted: Granted,
+            proc: str) -> str | None:
+    message = _message(text)
     for pattern, advice in table:
-        if re.search(pattern, _message(text)):
-            return advice
+        match = re.search(pattern, message)
+        if match is None:
+            continue
+        said = advice if isinstance(advice, str) else advice(_Failure(message, match, log, granted, proc))
+        if said is not None:
+            return said
     return None
 
 
-def explain(log_path: str, error: BaseException | None = None) -> str:
-    """One readable line: the CRIU error that explains the failure, its likely cause and fix.
+def _hints_after(errors: Sequence[str], index: int) -> list[str]:
+    """CRIU's hints logged right after errors[index] (see _HINT), as their messages."""
+    hints = []
+    for line in errors[index + 1:index + 3]:
+        message = _message(line)
+        if not _HINT.search(message):
+            break
+        if not _CRIU_OPTION.search(message):
+            hints.append(message)
+    return hints
+
+
+def explain(log_path: str, error: BaseException | None = None, granted: Granted | None = None,
+            proc: str = "/proc") -> str:
+    """One readable line: the CRIU error that explains the failure, CRIU's own hint, its likely cause and fix.
 
     The first error line with a specific known cause wins, then the first with a
     generic one; otherwise the first error line that is not known noise;
-    otherwise pycriu's own message.
+    otherwise pycriu's own message. `granted` is what this container grants
+    (default: read from /proc/self/status now): advice never names a setting
+    that is already in effect. `proc` is where the app's processes are looked up
+    (a traced task's tracer).
     """
     try:
         with open(log_path, errors="replace") as log:
             lines = log.read().splitlines()
     except OSError:
         lines = []
+    if granted is None:
+        granted = Granted.of_this_process(proc)
     errors = [
         _clean(line)
         for line in lines
@@ -922,8 +1251,11 @@ def explain(log_path: str, error: BaseException | None = None) -> str:
     ]
     fallback = str(error) if error else "CRIU gave no reason"
     for table in (_KNOWN_FAILURES, _GENERIC_FAILURES):
-        for line in errors or [fallback]:
-            advice = _advice(line, table)
+        candidates = errors or [fallback]
+        for index, line in enumerate(candidates):
+            advice = _advice(line, table, lines, granted, proc)
             if advice:
-                return f"{line} -> {advice}"
+                hints = _hints_after(candidates, index)
+                quoted = "; ".join([line, *(f"CRIU adds: {hint}" for hint in hints)])
+                return f"{quoted} -> {advice}"
     return errors[0] if errors else fallback

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from supervisor_pkg.criu import CRIU_BINARY, version_tuple
+from supervisor_pkg.criu import criu_command, version_tuple
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
 
@@ -698,13 +698,14 @@ def run_checks(config: Any, host: Host | None = None) -> list[Finding]:
     host = host or Host()
     findings: list[Finding] = []
 
-    criu_finding, version = check_criu(*host.run([CRIU_BINARY, "--version"]))
+    criu = criu_command()
+    criu_finding, version = check_criu(*host.run([*criu, "--version"]))
     findings += [criu_finding, check_criu_for_kernel(version, host.kernel_release()),
                  check_pycriu(host.has_module("pycriu"))]
     if version is not None:
-        probes = {name: host.run([CRIU_BINARY, "check", "--feature", name]) for name in FEATURES}
+        probes = {name: host.run([*criu, "check", "--feature", name]) for name in FEATURES}
         supported = {name: returncode == 0 for name, (returncode, _output) in probes.items()}
-        findings.append(check_criu_check(*host.run([CRIU_BINARY, "check"]), supported["clone3_set_tid"]))
+        findings.append(check_criu_check(*host.run([*criu, "check"]), supported["clone3_set_tid"]))
         refused = next((line.strip().rstrip(":") for _code, output in probes.values() for line in output.splitlines()
                         if _REFUSED.search(line)), None)
         findings += check_features(supported, lazy=getattr(config, "lazy", "auto"), refused=refused)

@@ -30,10 +30,9 @@ import shutil
 import signal
 import sys
 
-from supervisor_pkg import signals
+from supervisor_pkg import bundle, signals
 from supervisor_pkg.errors import CommandNotExecutable, CommandNotFound, EnvironmentProblem
 
-NAMESPACE_INIT = ("tini", "--")
 _PR_SET_CHILD_SUBREAPER = 36
 # From <linux/sched.h>; os.CLONE_* and os.unshare() only exist from Python 3.12.
 CLONE_NEWNS = 0x00020000
@@ -100,26 +99,37 @@ def resume(init_pid: int) -> None:
 
 
 IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+IPPROTO_MPTCP = 262  # <linux/in.h>
 
 
-def check_io_uring_filter_available() -> None:
+def check_seccomp_filter_available(settings: str = "CKPT_IO_URING=deny") -> None:
+    """The app's seccomp filter (_deny_to_the_app) needs libseccomp's Python bindings; `settings` names who asks."""
     try:
         import seccomp  # type: ignore[import-not-found]  # noqa: F401  (Debian's python3-seccomp)
     except ImportError as error:
         raise EnvironmentProblem(
-            "CKPT_IO_URING=deny needs libseccomp's Python bindings (Debian: python3-seccomp; the base image has "
-            "them); install them or set CKPT_IO_URING=allow"
+            f"{settings} needs libseccomp's Python bindings (Debian: python3-seccomp; the base image has them); "
+            "install them or set CKPT_IO_URING=allow and CKPT_MPTCP=allow"
         ) from error
 
 
-def _deny_io_uring() -> None:  # pragma: no cover - runs in the child
-    """Make io_uring_*() fail with ENOSYS for the app and its children.
+def _deny_to_the_app(io_uring: bool, mptcp: bool) -> None:  # pragma: no cover - runs in the child
+    """One seccomp filter for the app and its children: what CRIU cannot dump fails as on an older kernel.
 
-    CRIU cannot dump an io_uring instance ("Unknown shit 600 (anon_inode:[io_uring])").
-    Runtimes that probe for io_uring (libuv in Node.js 20, even with
-    UV_USE_IO_URING=0) treat ENOSYS as "kernel too old" and use epoll instead.
-    Only these three syscalls are affected; no_new_privs is left off (we hold
-    CAP_SYS_ADMIN), so setuid programs in the app keep working.
+    - io_uring (`io_uring`): CRIU cannot dump an instance ("Unknown shit 600
+      (anon_inode:[io_uring])"). io_uring_*() fail with ENOSYS; runtimes that
+      probe for it (libuv in Node.js 20, even with UV_USE_IO_URING=0) take
+      that for "kernel too old" and use epoll instead.
+    - Multipath TCP (`mptcp`): CRIU dumps no MPTCP socket ("inet: Unsupported
+      proto 262"). socket(..., IPPROTO_MPTCP) fails with EPROTONOSUPPORT, what
+      a kernel without CONFIG_MPTCP answers (net/ipv4/af_inet.c: inet_create
+      finds no such protocol). Go >= 1.24, which asks for MPTCP on every
+      listener, reads EPROTONOSUPPORT (or EINVAL, from kernels < 5.6) as "not
+      supported" and uses plain TCP from then on (net/mptcpsock_linux.go,
+      initMPTCPavailable); other errors would make it retry MPTCP later.
+      socket()'s protocol is its third argument, so only MPTCP is affected.
+    Only these calls are; no_new_privs is left off (we hold CAP_SYS_ADMIN), so
+    setuid programs in the app keep working.
     """
     import errno
 
@@ -127,8 +137,11 @@ def _deny_io_uring() -> None:  # pragma: no cover - runs in the child
 
     rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     rules.set_attr(seccomp.Attr.CTL_NNP, 0)
-    for name in IO_URING_SYSCALLS:
-        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
+    if io_uring:
+        for name in IO_URING_SYSCALLS:
+            rules.add_rule(seccomp.ERRNO(errno.ENOSYS), name)
+    if mptcp:
+        rules.add_rule(seccomp.ERRNO(errno.EPROTONOSUPPORT), "socket", seccomp.Arg(2, seccomp.EQ, IPPROTO_MPTCP))
     rules.load()
 
 
@@ -185,21 +198,23 @@ def _keep_only_portable_capabilities() -> None:  # pragma: no cover - runs in th
 
 def spawn(
     cmd: list[str], share_ipc: bool = False, deny_io_uring: bool = True, own_proc: bool = False,
-    portable_caps: bool = False, environment: dict[str, str] | None = None,
+    portable_caps: bool = False, environment: dict[str, str] | None = None, deny_mptcp: bool = True,
 ) -> int:
     """Start CMD under the namespace init; return the init's PID (in our namespace).
 
-    `environment`: the app's environment (default: ours); `portable_caps`: see PORTABLE_CAPABILITIES.
+    `environment`: the app's environment (default: ours); `portable_caps`: see PORTABLE_CAPABILITIES;
+    `deny_io_uring`, `deny_mptcp`: see _deny_to_the_app (CKPT_IO_URING, CKPT_MPTCP).
     """
-    if deny_io_uring:
-        check_io_uring_filter_available()
-    init_argv = [*NAMESPACE_INIT, *cmd]
+    if deny_io_uring or deny_mptcp:
+        check_seccomp_filter_available(" and ".join(
+            setting for setting, on in (("CKPT_IO_URING=deny", deny_io_uring), ("CKPT_MPTCP=deny", deny_mptcp)) if on))
+    init_argv = [*bundle.program("tini", static=True), "--", *cmd]
     flags = CLONE_NEWPID | (0 if share_ipc else CLONE_NEWIPC) | (CLONE_NEWNS if own_proc else 0)
     read_fd, write_fd = os.pipe()
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in the child
         _middle_child(flags, init_argv, read_fd, write_fd, deny_io_uring, own_proc, portable_caps,
-                      dict(os.environ) if environment is None else environment)
+                      dict(os.environ) if environment is None else environment, deny_mptcp)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         report = pipe.read().decode()
@@ -215,7 +230,7 @@ def spawn(
 
 def _middle_child(  # pragma: no cover - runs in the child
     flags: int, init_argv: list[str], read_fd: int, write_fd: int, deny_io_uring: bool, own_proc: bool,
-    portable_caps: bool, environment: dict[str, str],
+    portable_caps: bool, environment: dict[str, str], deny_mptcp: bool = True,
 ) -> None:
     try:
         os.close(read_fd)
@@ -228,8 +243,8 @@ def _middle_child(  # pragma: no cover - runs in the child
             try:
                 if own_proc:
                     _mount_own_proc()
-                if deny_io_uring:
-                    _deny_io_uring()
+                if deny_io_uring or deny_mptcp:
+                    _deny_to_the_app(io_uring=deny_io_uring, mptcp=deny_mptcp)
                 if portable_caps:  # after the filter: installing it needs CAP_SYS_ADMIN (no_new_privs is off)
                     _keep_only_portable_capabilities()
                 os.execvpe(init_argv[0], init_argv, environment)

@@ -199,6 +199,7 @@ class Supervisor:
             if isinstance(outcome, Restored):
                 self._adopt(outcome)
                 self._transition(State.RUNNING)
+                self.checkpoints.record_layer(self.restored_from)
                 self._warm_fingerprints()
                 return
             why_fresh = outcome
@@ -211,10 +212,12 @@ class Supervisor:
         self.app_pid = launcher.spawn(
             self.command, share_ipc=self.config.share_ipc, deny_io_uring=self.config.io_uring == "deny",
             own_proc=self.config.own_proc, portable_caps=self.config.portable_caps,
+            deny_mptcp=self.config.mptcp == "deny",
             environment=self._fresh_environment(),
         )
         log.info("started the app fresh (%s); app root pid %d", why_fresh, self.app_pid)
         self._transition(State.RUNNING)
+        self.checkpoints.record_layer(self.restored_from)
         self._warm_fingerprints()
 
     def _fresh_environment(self) -> dict[str, str]:
