@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine (no container registry) to build and run
-# criu-supervisor: Docker engine, a locally made debian:trixie-slim, our images.
+# criu-supervisor: Docker engine, locally made debian:trixie-slim and bookworm-slim, our images.
 # Idempotent: every step checks first, so a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,17 +43,20 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { log "dockerd did not start; see /var/log/dockerd.log"; exit 1; }
 fi
 
-if ! docker image inspect debian:trixie-slim >/dev/null 2>&1; then
-    if ! docker pull -q debian:trixie-slim >/dev/null 2>&1; then
-        log "no registry: making debian:trixie-slim with debootstrap from $MIRROR"
-        rootfs=$(mktemp -d /tmp/trixie-rootfs.XXXXXX)
-        debootstrap --variant=minbase trixie "$rootfs" "$MIRROR" >/tmp/debootstrap.log 2>&1 \
-            || { log "debootstrap failed; see /tmp/debootstrap.log"; exit 1; }
-        rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb
-        tar -C "$rootfs" -c . | docker import - debian:trixie-slim >/dev/null
-        rm -rf "$rootfs"
+# debian:trixie-slim: pulled where a registry answers, else made here as Docker's official image is
+# (scripts/debian-slim.sh). A local one made otherwise (an earlier bootstrap: no slim configuration,
+# 120 MB of apt caches in every layer built on it) is made again.
+slim_image_ok() {  # slim_image_ok TAG: pulled from a registry, or made by scripts/debian-slim.sh
+    [ -n "$(docker image inspect -f '{{join .RepoDigests ""}}{{index .Config.Labels "org.criu-supervisor.slim"}}' \
+            "$1" 2>/dev/null)" ]
+}
+# debian:bookworm-slim: an older Debian (glibc 2.36) for examples/drop-in-bookworm, an image not built on ours.
+for suite in trixie bookworm; do
+    if ! slim_image_ok "debian:$suite-slim" && ! docker pull -q "debian:$suite-slim" >/dev/null 2>&1; then
+        log "no registry: making debian:$suite-slim with debootstrap from $MIRROR"
+        scripts/debian-slim.sh "$suite" "debian:$suite-slim" "$MIRROR"
     fi
-fi
+done
 
 log "building images (log: /tmp/criu-supervisor-build.log)"
 build() {  # build TAG CONTEXT [DOCKERFILE]

@@ -19,27 +19,34 @@ import os
 import sys
 
 LOADER_NAME = "ld-linux-x86-64.so.2"
+DEFAULT_ROOT = "/opt/criu-supervisor"  # where the README's COPY --from puts it
 
 
 @functools.cache
 def root() -> str | None:
-    """The bundle's directory if this Python runs from one (its loader beside its lib/), else None."""
+    """The bundle's directory if this Python runs from one (its loader beside its programs), else None."""
     here = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
-    if os.path.isfile(os.path.join(here, "lib", LOADER_NAME)) and os.path.isfile(os.path.join(here, "bin", "criu")):
+    if os.path.isfile(os.path.join(here, "lib", LOADER_NAME)) and os.path.isfile(os.path.join(here, "lib", "programs",
+                                                                                            "criu")):
         return here
     return None
 
 
 def program(name: str, static: bool = False) -> list[str]:
-    """argv prefix to run the supervisor's own `name` (criu, tini): through the bundle's loader if bundled.
+    """argv prefix to run the supervisor's own `name` (criu, tini): the bundle's if bundled, else from PATH.
 
-    `static`: the program needs no loader (tini-static).
+    Dynamically linked programs (lib/programs/NAME) run through the bundle's loader, started by its link
+    libexec/NAME, so that the process is called NAME (ps, /proc/PID/comm). `static`: the program needs no
+    loader (bin/tini).
     """
     bundle = root()
-    if bundle is None or not os.path.isfile(os.path.join(bundle, "bin", name)):
+    if bundle is None:
         return [name]
-    path = os.path.join(bundle, "bin", name)
     if static:
-        return [path]
-    return [os.path.join(bundle, "lib", LOADER_NAME), "--library-path", os.path.join(bundle, "lib"),
+        path = os.path.join(bundle, "bin", name)
+        return [path] if os.path.isfile(path) else [name]
+    path = os.path.join(bundle, "lib", "programs", name)
+    if not os.path.isfile(path):
+        return [name]
+    return [os.path.join(bundle, "libexec", name), "--library-path", os.path.join(bundle, "lib"),
             "--argv0", name, path]

@@ -64,6 +64,8 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from typing import BinaryIO
 
+from supervisor_pkg import bundle
+
 log = logging.getLogger("criu-supervisor")
 
 ARCHIVE = "carried-files.tar"
@@ -78,8 +80,10 @@ _ENGINE_FILES = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.conta
 # What the supervisor and CRIU write in the container for themselves: restore.LAZY_WORK_ROOT,
 # control.DEFAULT_SOCKET, compression.LOCAL_ROOT, and CRIU's cache of kernel facts (criu.kdat).
 # CRIU's mount-namespace yards, /tmp/.criu.mntns.*, are skipped by name (_CRIU_YARDS).
+# (and the drop-in bundle wherever it is: carried files must never reach the supervisor's own code)
 _SUPERVISOR_FILES = ("/run/criu-supervisor", "/run/criu-supervisor.sock", "/var/lib/criu-supervisor",
-                     "/run/criu.kdat", "/run/criu.kdat.tmp")
+                     "/run/criu.kdat", "/run/criu.kdat.tmp",
+                     *sorted({bundle.DEFAULT_ROOT, bundle.root() or bundle.DEFAULT_ROOT}))
 _CRIU_YARDS = ("/tmp", ".criu.")  # (directory, name prefix)
 
 _NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX): longer fails only when written

@@ -63,6 +63,24 @@ log = logging.getLogger("criu-supervisor")
 CRIU_BINARY = "criu"
 
 
+def ensure_tmp(path: str = "/tmp") -> tuple[bool, str] | None:
+    """CRIU probes the kernel in a directory it makes under /tmp (kerndat.c, a fixed path): make /tmp if missing.
+
+    An image with almost nothing in it (FROM scratch and a static binary) has
+    none, and every dump failed "Fail to make dir /tmp/.criu...". Returns
+    (made, what to log), or None when /tmp was there.
+    """
+    if os.path.lexists(path):
+        return None
+    try:
+        os.mkdir(path)
+        os.chmod(path, 0o1777)  # as a distribution's /tmp (mkdir's mode is filtered by the umask)
+    except OSError as error:
+        return False, (f"CRIU needs {path} and this image has none, which could not be made ({error.strerror}): "
+                       f"every checkpoint will fail; give the container one (docker run --tmpfs {path})")
+    return True, f"made {path} (mode 1777): CRIU needs it and this image has none"
+
+
 def criu_command() -> list[str]:
     """argv prefix that runs CRIU: `criu` on PATH, or the bundle's, through its own loader (bundle.py)."""
     if CRIU_BINARY != "criu":  # pointed elsewhere (tests, a custom build)

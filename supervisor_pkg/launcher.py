@@ -98,6 +98,28 @@ def resume(init_pid: int) -> None:
             os.kill(pid, signal.SIGCONT)
 
 
+def environment_at_start(proc_environ: str = "/proc/self/environ") -> dict[str, str]:
+    """The environment this process was started with: the image's and the engine's (`docker run -e`).
+
+    What a fresh app is given, rather than os.environ, which Python changes at
+    start-up: under the C locale (no LANG, as in most images) it sets
+    LC_CTYPE=C.UTF-8 for its children (PEP 538). /proc/self/environ is the
+    block execve(2) put in place, untouched by later changes. As in os.environ,
+    the first of two entries with one name wins.
+    """
+    try:
+        with open(proc_environ, "rb") as handle:
+            block = handle.read()
+    except OSError:
+        return dict(os.environ)
+    environment: dict[str, str] = {}
+    for entry in block.split(b"\0"):
+        name, separator, value = entry.partition(b"=")
+        if separator and name:
+            environment.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return environment
+
+
 IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
 IPPROTO_MPTCP = 262  # <linux/in.h>
 

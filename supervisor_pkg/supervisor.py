@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from supervisor_pkg import compat, cpu, fingerprint, launcher, metrics
+from supervisor_pkg import compat, cpu, criu, fingerprint, launcher, metrics
 from supervisor_pkg.checkpoint import AppFacts, CheckpointFlow
 from supervisor_pkg.config import Config
 from supervisor_pkg.control import ControlRequest
@@ -147,7 +147,11 @@ class Supervisor:
 
     @staticmethod
     def _warn_if_checkpoints_cannot_work() -> None:
-        """Say at start, not at SIGTERM, what makes every checkpoint fail here (a seccomp filter on us)."""
+        """Say at start, not at SIGTERM, what makes every checkpoint fail here (a seccomp filter on us, no /tmp)."""
+        tmp = criu.ensure_tmp()
+        if tmp is not None:
+            made, message = tmp
+            log.log(logging.INFO if made else logging.ERROR, "%s", message)
         try:
             problem = compat.check_seccomp(compat.own_status())
         except OSError:
@@ -221,8 +225,8 @@ class Supervisor:
         self._warm_fingerprints()
 
     def _fresh_environment(self) -> dict[str, str]:
-        """The environment of a freshly started app: ours, plus what CKPT_CPU_BASELINE adds (only there)."""
-        environment = dict(os.environ)
+        """The environment of a freshly started app: the one we were started with, plus what CKPT_CPU_BASELINE adds."""
+        environment = launcher.environment_at_start()
         tunables = cpu.baseline_tunables(self.config.cpu_baseline, environment.get("GLIBC_TUNABLES"))
         if tunables is not None:
             environment["GLIBC_TUNABLES"] = tunables

@@ -372,11 +372,14 @@ KERNEL_NEEDS_CRIU_4_2 = tuple(int(p) for p in re.findall(r"\d+", os.uname().rele
 
 @pytest.fixture(scope="module")
 def old_criu_image() -> Iterator[str]:
-    """The base image with Debian trixie's CRIU 4.1.1 instead of 4.2.1."""
+    """The base image whose bundle holds Debian trixie's CRIU 4.1.1 instead of 4.2.1 (a bundle built from it)."""
     dockerfile = (
         f"FROM {BASE_IMAGE}\n"
-        "RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --allow-downgrades "
-        "--no-install-recommends 'criu=4.1.1*' 'libcompel1=4.1.1*' && rm -rf /var/lib/apt/lists/* && criu --version\n"
+        "RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
+        "'criu=4.1.1*' 'libcompel1=4.1.1*' && rm -rf /var/lib/apt/lists/* "
+        "&& cp /usr/sbin/criu /opt/criu-supervisor/lib/programs/criu "
+        "&& cp -L /usr/lib/x86_64-linux-gnu/libcompel.so.1 /opt/criu-supervisor/lib/libcompel.so.1 "
+        "&& criu --version | grep -q 4.1.1\n"
     )
     result = subprocess.run(["docker", "build", "-q", "-t", OLD_CRIU_IMAGE, "-"], input=dockerfile, text=True,
                             capture_output=True, timeout=600)

@@ -55,10 +55,10 @@ os.chmod('/etc/issue.net', 0o600)
 os.chown('/usr/share/doc/procps', 4242, 4243)
 os.utime('/etc/host.conf', ns=(1_234_000_000_000_000_001, 1_234_000_000_000_000_002))
 os.unlink('/etc/motd')
-shutil.rmtree('/usr/share/doc/tini')
+shutil.rmtree('/usr/share/doc/iptables')
 os.rename('/etc/debian_version', '/etc/debian_version.renamed')
 os.rename('/var/lib/app/db/empty-database', '/var/lib/app/db/renamed-database')
-shutil.rmtree('/opt'); os.symlink('var/lib/app', '/opt')
+shutil.rmtree('/srv'); os.symlink('var/lib/app', '/srv')
 print('changed')
 """
 
@@ -105,7 +105,7 @@ for entry in entries.values():
     entry['links'] = sorted(inodes[entry.pop('ino')])
 print(json.dumps(entries, sort_keys=True))
 """
-ROOTS = ["/etc", "/usr/share/doc", "/var/lib", "/opt"]
+ROOTS = ["/etc", "/usr/share/doc", "/var/lib", "/srv"]
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_the_writable_layer_is_carried_whole_and_equal_over_two_hops(engine: Doc
     third.wait_log(r"restored gen-00000002")
     third_state = snapshot(third)
     assert differences(second_state, third_state) == [], "\n".join(differences(second_state, third_state))
-    for gone in ("/etc/motd", "/usr/share/doc/tini", "/etc/debian_version", "/etc/issue.net", "/etc/shells",
+    for gone in ("/etc/motd", "/usr/share/doc/iptables", "/etc/debian_version", "/etc/issue.net", "/etc/shells",
                  "/var/lib/app/db/table.ibd", "/var/lib/app/current"):
         assert gone not in third_state, f"{gone} came back"
     assert third_state["/var/lib/app/table.hardlink"]["links"] == ["/var/lib/app/table.hardlink"]

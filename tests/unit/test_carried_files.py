@@ -608,6 +608,7 @@ def test_a_hostile_member_name_is_refused(tmp_path: Path, name: str, pax: dict[s
     ("proc/sys/kernel/core_pattern", ()), ("sys/kernel/uevent_helper", ()), ("dev/sda", ()),
     ("run/secrets/token", ()), ("checkpoints/app/gen-00000002/pages-1.img", ("/checkpoints/",)),
     ("checkpoints", ("/checkpoints",)),
+    ("opt/criu-supervisor/lib/python3/dist-packages/supervisor_pkg/restore.py", ()),  # the bundle's code
 ])
 def test_the_kernels_filesystems_secrets_and_the_checkpoint_volume_are_never_written(
     tmp_path: Path, name: str, exclude: tuple[str, ...]
@@ -1026,16 +1027,16 @@ def test_a_deletion_and_a_new_entry_at_the_same_name_replace_a_directory_by_a_li
     tmp_path: Path,
 ) -> None:
     root = image(tmp_path)
-    make(root / "opt/vendor/lib.so", b"image")
+    make(root / "mnt/vendor/lib.so", b"image")
     make(root / "srv", b"a file in the image")
     source = craft(
         tmp_path / carried.ARCHIVE,
-        whiteout("opt"), member("opt", kind=tarfile.SYMTYPE, linkname="var/lib/app"),
+        whiteout("mnt"), member("mnt", kind=tarfile.SYMTYPE, linkname="var/lib/app"),
         whiteout("srv"), member("srv", kind=tarfile.DIRTYPE, mode=0o750), member("srv/www/index.html", b"hi"),
         member("var/lib/app/state", b"s"),
     )
     put_back(source, root)
-    assert os.readlink(root / "opt") == "var/lib/app"
+    assert os.readlink(root / "mnt") == "var/lib/app"
     assert stat.S_IMODE(os.lstat(root / "srv").st_mode) == 0o750
     assert (root / "srv/www/index.html").read_bytes() == b"hi"
     assert [name for name in os.listdir(root) if name.startswith(".carried-")] == []
@@ -1058,6 +1059,8 @@ def test_a_failure_before_the_deletions_deletes_nothing(tmp_path: Path, monkeypa
     ("etc", (), "deleting /etc would delete /etc/hosts"),
     ("checkpoints", (), "the checkpoint volume"),
     ("run/criu-supervisor", (), "the supervisor's own"),
+    ("opt/criu-supervisor/lib", (), "the supervisor's own"),  # the drop-in bundle: its code
+    ("opt", (), "deleting /opt would delete /opt/criu-supervisor"),
     ("data", ("/", "/data"), "/data is a mount point in this container"),
     ("srv", ("/", "/srv/volume"), "/srv/volume is a mount point in this container: carried files never delete"),
     ("data/old.db", ("/", "/data"), "/data is a mount point"),
@@ -1067,7 +1070,7 @@ def test_deletions_never_touch_the_kernels_the_engines_the_volume_or_a_mount(
 ) -> None:
     root = image(tmp_path)
     for directory in ("proc/sys", "run/secrets", "run/criu-supervisor", "checkpoints/default", "data",
-                      "srv/volume"):
+                      "srv/volume", "opt/criu-supervisor/lib"):
         (root / directory).mkdir(parents=True, exist_ok=True)
     make(root / "data/old.db", b"on the volume")
     source = craft(tmp_path / carried.ARCHIVE, member("tmp/first", b"1"), whiteout(name))
