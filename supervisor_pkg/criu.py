@@ -1276,4 +1276,18 @@ def explain(log_path: str, error: BaseException | None = None, granted: Granted 
                 hints = _hints_after(candidates, index)
                 quoted = "; ".join([line, *(f"CRIU adds: {hint}" for hint in hints)])
                 return f"{quoted} -> {advice}"
-    return errors[0] if errors else fallback
+    line = errors[0] if errors else fallback
+    if _filesystem_full(os.path.dirname(log_path)):
+        # CRIU's log is on the volume too: it may end mid-line, before the ENOSPC that would have said so.
+        return f"{line} -> the checkpoint volume is full (CRIU's log may be cut short); free space or give " \
+               "CKPT_DIR a larger volume"
+    return line
+
+
+def _filesystem_full(path: str, less_than: int = 1 << 20) -> bool:
+    """Fewer than `less_than` bytes are free to us on the filesystem of `path` (False if it cannot be asked)."""
+    try:
+        usage = os.statvfs(path)
+    except OSError:
+        return False
+    return usage.f_bavail * usage.f_frsize < less_than

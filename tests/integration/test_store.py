@@ -59,7 +59,8 @@ def test_full_volume_publishes_nothing_and_stops_the_app_gracefully(engine: Dock
     app.wait_healthy(timeout=60)
     assert app.stop() == 143  # kv has no SIGTERM handler: killed by SIGTERM, as without us
     logs = app.logs()
-    assert re.search(r"ERROR: checkpoint failed: .*No space left on device -> the checkpoint volume is full", logs), logs
+    # (CRIU's log is on the full volume too: its ENOSPC line may be cut short, and the supervisor says so.)
+    assert re.search(r"ERROR: checkpoint failed: .* -> the checkpoint volume is full", logs), logs
     assert "falling back to the app's own graceful stop" in logs
     names = observer.exec("ls", "-a", "/checkpoints/default").stdout.split()
     assert not [n for n in names if n.startswith((".staging-", "gen-"))], names

@@ -138,6 +138,19 @@ def test_an_unknown_error_is_quoted_without_advice(tmp_path: Path) -> None:
     assert criu.explain(log) == "Error (criu/foo.c:1): something nobody has seen before"
 
 
+def test_a_log_cut_short_on_a_full_volume_still_says_the_volume_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = write_log(tmp_path, *NOISE, "(00.5) Error (criu")  # the ENOSPC line itself could not be written
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    monkeypatch.setattr(criu.os, "statvfs", lambda path: Full())
+    assert criu.explain(log) == ("Error (criu -> the checkpoint volume is full (CRIU's log may be cut short); free "
+                                 "space or give CKPT_DIR a larger volume")
+
+
 def test_a_missing_log_falls_back_to_the_exception_text(tmp_path: Path) -> None:
     assert criu.explain(str(tmp_path / "absent.log"), RuntimeError("DUMP failed with -52")) == "DUMP failed with -52"
 
@@ -158,7 +171,8 @@ def test_with_neither_log_nor_exception_it_says_so(tmp_path: Path) -> None:
 
 
 def test_directory_not_empty_is_not_mistaken_for_a_terminal(tmp_path: Path) -> None:
-    log = write_log(tmp_path, "(00.2) Error (criu/cr-restore.c:2000): Can't remove /tmp/.criu.mntns: Directory not empty")
+    log = write_log(tmp_path,
+                    "(00.2) Error (criu/cr-restore.c:2000): Can't remove /tmp/.criu.mntns: Directory not empty")
     assert "terminal" not in criu.explain(log)
 
 
