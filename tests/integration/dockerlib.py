@@ -7,13 +7,16 @@ sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import pytest
 
 BASE_IMAGE = "criu-supervisor:latest"
 TICKER_IMAGE = "criu-supervisor-example-ticker:latest"
@@ -106,8 +109,8 @@ class Container:
 class Docker:
     """Factory for containers and volumes that cleans up after itself."""
 
-    def __init__(self) -> None:
-        self.prefix = f"cs-test-{uuid.uuid4().hex[:8]}"
+    def __init__(self, prefix: str = "cs-test") -> None:
+        self.prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.containers: list[str] = []
         self.volumes: list[str] = []
         self._count = 0
@@ -161,3 +164,20 @@ class Docker:
             docker("rm", "-f", name, check=False)
         for name in self.volumes:
             docker("volume", "rm", "-f", name, check=False)
+
+
+@contextlib.contextmanager
+def containers_named(prefix: str) -> Iterator[Docker]:
+    """A Docker factory whose containers and volumes are called PREFIX-*: logs printed and all removed at the end."""
+    engine = Docker(prefix)
+    try:
+        yield engine
+    finally:
+        engine.print_logs()
+        engine.cleanup()
+
+
+def need_image(image: str) -> None:
+    """Fail (not skip) a test whose image the bootstrap should have built."""
+    if docker("image", "inspect", image, check=False).returncode != 0:
+        pytest.fail(f"image {image} missing: run scripts/bootstrap.sh")

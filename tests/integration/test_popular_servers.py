@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from dockerlib import Container, Docker, docker, sleep_until
+from dockerlib import Container, Docker, containers_named, need_image, sleep_until
 
 HOPS = 3  # A -> B -> C -> D
 PREFIX = os.environ.get("CS_APPS_IMAGE_PREFIX", "criu-supervisor-example-")
@@ -47,18 +46,8 @@ HTTP_CLIENT = (
 @pytest.fixture(name="apps")
 def apps_fixture() -> Iterator[Docker]:
     """Containers and volumes named cs-apps-*, removed at teardown even when the test fails."""
-    engine = Docker()
-    engine.prefix = f"cs-apps-{uuid.uuid4().hex[:8]}"
-    try:
+    with containers_named("cs-apps") as engine:
         yield engine
-    finally:
-        engine.print_logs()
-        engine.cleanup()
-
-
-def need(image: str) -> None:
-    if docker("image", "inspect", image, check=False).returncode != 0:
-        pytest.fail(f"image {image} missing: run scripts/bootstrap.sh")
 
 
 def answers(container: Container, *command: str) -> bool:
@@ -114,7 +103,7 @@ def locks_held(container: Container) -> list[str]:
 
 
 def test_mariadb_keeps_a_growing_table_its_locks_and_runtime_settings_over_three_hops(apps: Docker) -> None:
-    need(MARIADB_IMAGE)
+    need_image(MARIADB_IMAGE)
     volume = apps.volume()
     container = apps.run(MARIADB_IMAGE, volume=volume, env=MARIADB_STATE)
     sleep_until(lambda: mariadb_ready(container), 90, interval=0.5, what="mariadb to answer")
@@ -173,7 +162,7 @@ def aof_loaded_by_a_fresh_redis(container: Container) -> dict[str, str]:
 
 
 def test_redis_with_appendonly_keeps_its_keys_and_loadable_append_only_files_over_three_hops(apps: Docker) -> None:
-    need(REDIS_IMAGE)
+    need_image(REDIS_IMAGE)
     volume = apps.volume()
     container = apps.run(REDIS_IMAGE, volume=volume, env=REDIS_STATE)
     sleep_until(lambda: redis_ready(container), 60, interval=0.2, what="redis to answer")
@@ -226,7 +215,7 @@ def counts_over_three_hops(apps: Docker, image: str, env: dict[str, str] | None 
 
 
 def test_a_go_net_http_server_migrates_over_three_hops_with_default_settings(apps: Docker) -> None:
-    need(GO_IMAGE)
+    need_image(GO_IMAGE)
     container = counts_over_three_hops(apps, GO_IMAGE)  # no CKPT_* setting at all
     assert json.loads(http(container, "GET", "/stats"))["go"] >= "go1.24"
     assert "listening on" not in container.logs()  # the same process, not a fresh start
@@ -234,7 +223,7 @@ def test_a_go_net_http_server_migrates_over_three_hops_with_default_settings(app
 
 def test_a_go_server_with_mptcp_allowed_fails_to_checkpoint_and_says_why(apps: Docker) -> None:
     # The counterpart: without the default CKPT_MPTCP=deny, Go 1.24 listens with MPTCP, which CRIU cannot dump.
-    need(GO_IMAGE)
+    need_image(GO_IMAGE)
     container = apps.run(GO_IMAGE, volume=apps.volume(), env={"CKPT_MPTCP": "allow"})
     sleep_until(lambda: http_ready(container), 60, interval=0.2, what="go to answer")
     line, advice = one_checkpoint_failure(container)
@@ -249,7 +238,7 @@ PHP_WITH_JIT = ("php", "-d", "opcache.jit_buffer_size=64M", "-S", "127.0.0.1:808
 
 
 def test_php_with_opcache_jit_fails_naming_the_jit_buffer_and_its_setting(apps: Docker) -> None:
-    need(PHP_IMAGE)
+    need_image(PHP_IMAGE)
     container = apps.run(PHP_IMAGE, *PHP_WITH_JIT, volume=apps.volume())
     sleep_until(lambda: http_ready(container), 60, interval=0.2, what="php to answer")
     assert json.loads(http(container, "GET", "/stats"))["jit_enabled"], "the JIT is off: this test shows nothing"
@@ -262,7 +251,7 @@ def test_php_with_opcache_jit_fails_naming_the_jit_buffer_and_its_setting(apps: 
 
 
 def test_php_with_the_jit_buffer_at_zero_migrates_over_three_hops(apps: Docker) -> None:
-    need(PHP_IMAGE)
+    need_image(PHP_IMAGE)
     container = counts_over_three_hops(apps, PHP_IMAGE)  # the image's app.ini: opcache.jit_buffer_size=0
     stats = json.loads(http(container, "GET", "/stats"))
     assert stats["php"].startswith("8.") and not stats["jit_enabled"]
@@ -303,7 +292,7 @@ def zdtm_hops(apps: Docker, command: tuple[str, ...], check: Callable[[Container
 
 
 def test_file_locks_of_every_kind_are_carried_over_three_hops(apps: Docker) -> None:
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
 
     def all_held(container: Container, number: int) -> None:
         held = json.loads(container.exec("python3", "/app/zdtm_like.py", "locks", "--check").stdout)
@@ -315,7 +304,7 @@ def test_file_locks_of_every_kind_are_carried_over_three_hops(apps: Docker) -> N
 
 
 def test_a_stopped_child_is_carried_still_stopped_over_three_hops(apps: Docker) -> None:
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
 
     def child_stopped(container: Container, number: int) -> None:
         child = int(re.findall(r"child (\d+) stopped", container.stdout())[-1])
@@ -328,7 +317,7 @@ def test_a_stopped_child_is_carried_still_stopped_over_three_hops(apps: Docker) 
 
 
 def test_a_traced_child_cannot_be_checkpointed_and_the_reason_names_its_tracer(apps: Docker) -> None:
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
     container = apps.run(ZDTM_IMAGE, "python3", "-u", "/app/zdtm_like.py", "traced", volume=apps.volume())
     container.wait_log(r"tick 2 ")
     line, advice = one_checkpoint_failure(container)
@@ -346,7 +335,7 @@ def test_a_file_open_under_a_removed_name_is_carried_with_a_linked_remap(apps: D
     # The file lives on a volume mounted in every container: the link_remap.N link CRIU makes beside it at the
     # dump goes along. (In the writable layer that link would need the writable-layer carry of issue 14.) CRIU
     # makes it from the open fd with linkat(AT_EMPTY_PATH), which the kernel allows only with DAC_READ_SEARCH.
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
     data = ["-v", f"{apps.volume()}:/data", "--cap-add", "DAC_READ_SEARCH"]
 
     def reads_its_file(container: Container, number: int) -> None:
@@ -358,7 +347,7 @@ def test_a_file_open_under_a_removed_name_is_carried_with_a_linked_remap(apps: D
 
 
 def test_a_linked_remap_without_dac_read_search_says_to_add_it(apps: Docker) -> None:
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
     container = apps.run(ZDTM_IMAGE, *LINK_REMAP, volume=apps.volume(), extra=["-v", f"{apps.volume()}:/data"])
     container.wait_log(r"tick 2 ")
     line, advice = one_checkpoint_failure(container)
@@ -387,7 +376,7 @@ def test_the_app_s_mptcp_sockets_fail_as_on_a_kernel_without_mptcp_unless_allowe
     apps: Docker, setting: str, expected: str
 ) -> None:
     # EPROTONOSUPPORT is what Go's initMPTCPavailable reads as "not supported" (then it uses TCP for good).
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
     container = apps.run(ZDTM_IMAGE, "python3", "-u", "-c", MPTCP_PROBE, volume=apps.volume(),
                          env={"CKPT_MPTCP": setting})
     container.wait_log("tcp socket opened")
@@ -400,7 +389,7 @@ OWN_MOUNT_NAMESPACE = ("sh", "-c", "unshare -m --propagation slave sleep 1000 & 
 
 
 def test_a_mount_namespace_made_by_the_app_is_explained_and_carried_with_ckpt_own_proc(apps: Docker) -> None:
-    need(ZDTM_IMAGE)
+    need_image(ZDTM_IMAGE)
     container = apps.run(ZDTM_IMAGE, *OWN_MOUNT_NAMESPACE, volume=apps.volume())
     container.wait_log(r"tick 2 ")
     line, advice = one_checkpoint_failure(container)
