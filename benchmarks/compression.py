@@ -88,6 +88,10 @@ def dd_seconds(prefix: str, nbytes: int) -> float:
         docker("volume", "rm", "-f", volume, check=False)
 
 
+def _shown_rate(rate: float) -> str:
+    return '-' if rate == float('inf') else '>10000' if rate > 1e4 else f'{rate:.0f}'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256)
@@ -114,7 +118,7 @@ def main() -> None:
     header = ("| heap | compress | ratio | supervisor CPU s | compress MiB/CPU-s | checkpoint s (here) | "
               "dd fsync of raw s | at 200 MiB/s | at 500 MiB/s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [header] + [
-        f"| {k} | {m} | {r:.2f} | {c:.2f} | {'-' if rate == float('inf') else '>10000' if rate > 1e4 else f'{rate:.0f}'} | {s:.2f} | {d:.2f} | "
+        f"| {k} | {m} | {r:.2f} | {c:.2f} | {_shown_rate(rate)} | {s:.2f} | {d:.2f} | "
         f"{a2:.2f} | {a5:.2f} |" for k, m, r, c, rate, s, d, a2, a5 in rows
     ]
     table = "\n".join(lines)

@@ -3,7 +3,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from dockerlib import BASE_IMAGE, KV_IMAGE, TICKER_IMAGE, Docker, docker
 
 

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from dockerlib import KV_IMAGE, docker, sleep_until
 from engineslib import (
     DOCKER_ONLY_CAPABILITIES_MASK,

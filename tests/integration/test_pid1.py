@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from dockerlib import BASE_IMAGE, TICKER_IMAGE, Docker, sleep_until
 
 

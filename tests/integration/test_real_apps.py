@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from dockerlib import Container, Docker, docker, sleep_until
 
 NGINX_IMAGE = "criu-supervisor-example-nginx:latest"

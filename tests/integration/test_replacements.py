@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from dockerlib import BASE_IMAGE, CRIU_SETTINGS, KV_IMAGE, Container, Docker, docker
 
 FAST_LEASE = {"CKPT_LEASE_INTERVAL": "0.5", "CKPT_LEASE_TIMEOUT": "3", "CKPT_HANDOFF_TIMEOUT": "60"}

@@ -22,7 +22,6 @@ import json
 import re
 
 import pytest
-
 from dockerlib import Container, Docker, docker, sleep_until
 
 SUPERVISORD_IMAGE = "criu-supervisor-example-supervisord:latest"

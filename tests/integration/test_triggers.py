@@ -10,8 +10,7 @@ import json
 import os
 
 import pytest
-
-from dockerlib import KV_IMAGE, TICKER_IMAGE, Container, Docker, sleep_until
+from dockerlib import KV_IMAGE, Container, Docker, sleep_until
 
 FAKES = os.path.join(os.path.dirname(__file__), "..", "fakes")
 PORT = 8169

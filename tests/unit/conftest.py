@@ -8,6 +8,7 @@ outcome of another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -65,10 +66,8 @@ def restore_signal_state() -> Iterator[None]:
         installed = SignalReceiver._instance
         if installed is not None and installed is not instance:
             for fd in (installed._read_fd, installed._write_fd):
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         SignalReceiver._instance = instance
 
 

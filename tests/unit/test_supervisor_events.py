@@ -105,7 +105,8 @@ def test_signals_other_than_the_checkpoint_signal_are_forwarded_to_the_app(
     assert recorder.checkpoints == 0
 
 
-def test_the_default_checkpoint_signal_sigterm_checkpoints_and_is_not_forwarded(tmp_path: Path, recorder: Recorder) -> None:
+def test_the_default_checkpoint_signal_sigterm_checkpoints_and_is_not_forwarded(tmp_path: Path,
+                                                                               recorder: Recorder) -> None:
     supervisor = running(make_supervisor(tmp_path), recorder)
     supervisor._handle(int(signal.SIGTERM))
     assert recorder.checkpoints == 1
@@ -289,7 +290,8 @@ class CheckpointWorld:
             if options.get("parent"):  # as CRIU does: link the previous images, write only dirty pages
                 assert options["track_mem"], "CRIU refuses a parent without memory tracking"
                 Path(images_dir, "parent").symlink_to(options["parent"])
-            Path(images_dir, "pages-1.img").write_bytes(b"dirty page" if options.get("parent") else b"memory of the app")
+            memory = b"dirty page" if options.get("parent") else b"memory of the app"
+            Path(images_dir, "pages-1.img").write_bytes(memory)
             Path(images_dir, "core-1.img").write_bytes(b"registers")
             for happen in self.during_dump:
                 happen()
