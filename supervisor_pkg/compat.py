@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from supervisor_pkg import cpu, doctor, engine
+from supervisor_pkg import cpu, engine
 
 # <linux/capability.h>, in bit order.
 CAPABILITY_NAMES = dict(enumerate((
@@ -48,8 +48,18 @@ class Incompatibility:
         return f"{self.cause}; {self.fix}"
 
 
+def parse_status(text: str) -> dict[str, str]:
+    """/proc/PID/status as a mapping: {'CapEff': '00000000aa2c35fb', 'Seccomp': '0', ...}."""
+    fields = {}
+    for line in text.splitlines():
+        key, separator, value = line.partition(":")
+        if separator:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
 def _status_field(status_text: str, key: str) -> str:
-    return doctor.parse_status(status_text).get(key, "")
+    return parse_status(status_text).get(key, "")
 
 
 def _capability_bits(words: Any) -> int:

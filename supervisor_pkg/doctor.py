@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from supervisor_pkg.compat import parse_status
 from supervisor_pkg.criu import criu_command, version_tuple
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
@@ -149,16 +150,6 @@ def _kernel_fix(what: str, config_option: str) -> Fix:
 
 
 # --- parsing ------------------------------------------------------------------------------------------
-def parse_status(text: str) -> dict[str, str]:
-    """/proc/PID/status as a mapping: {'CapEff': '00000000aa2c35fb', 'Seccomp': '0', ...}."""
-    fields = {}
-    for line in text.splitlines():
-        key, separator, value = line.partition(":")
-        if separator:
-            fields[key.strip()] = value.strip()
-    return fields
-
-
 @dataclasses.dataclass(frozen=True)
 class Mount:
     mount_point: str
