@@ -61,8 +61,8 @@ from supervisor_pkg.lease import Lease
 from supervisor_pkg.metrics import Metrics
 from supervisor_pkg.signals import SignalReceiver
 from supervisor_pkg.store import (
-    ALL_CORES,
     APP_CHANGED,
+    BESIDE_CRIU,
     INCOMPATIBLE,
     Claim,
     Generation,
@@ -103,7 +103,7 @@ class _PageCheck(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.store.verify_pages(self.generation, self.manifest, workers=ALL_CORES)
+            self.store.verify_pages(self.generation, self.manifest, workers=BESIDE_CRIU)
         except BaseException as error:  # noqa: BLE001 - handed to the waiting restore
             self.failure = error
 
