@@ -56,11 +56,12 @@ from supervisor_pkg.errors import (
     RestoreInterrupted,
     RestoreStalled,
 )
-from supervisor_pkg.volume import Directory, VolumeRefusal, real_path
+from supervisor_pkg.volume import Directory, VolumeRefusal, free_bytes, real_path
 
 log = logging.getLogger("criu-supervisor")
 
 CRIU_BINARY = "criu"
+_NEARLY_FULL = 1 << 20  # bytes free on the log's volume below which a failure is put down to a full volume
 
 
 def ensure_tmp(path: str = "/tmp") -> tuple[bool, str] | None:
@@ -1277,17 +1278,10 @@ def explain(log_path: str, error: BaseException | None = None, granted: Granted 
                 quoted = "; ".join([line, *(f"CRIU adds: {hint}" for hint in hints)])
                 return f"{quoted} -> {advice}"
     line = errors[0] if errors else fallback
-    if _filesystem_full(os.path.dirname(log_path)):
+    free = free_bytes(os.path.dirname(log_path))
+    if free is not None and free < _NEARLY_FULL:
         # CRIU's log is on the volume too: it may end mid-line, before the ENOSPC that would have said so.
         return f"{line} -> the checkpoint volume is full (CRIU's log may be cut short); free space or give " \
                "CKPT_DIR a larger volume"
     return line
 
-
-def _filesystem_full(path: str, less_than: int = 1 << 20) -> bool:
-    """Fewer than `less_than` bytes are free to us on the filesystem of `path` (False if it cannot be asked)."""
-    try:
-        usage = os.statvfs(path)
-    except OSError:
-        return False
-    return usage.f_bavail * usage.f_frsize < less_than

@@ -33,6 +33,7 @@ from typing import Any
 
 from supervisor_pkg.compat import parse_status
 from supervisor_pkg.criu import criu_command, version_tuple
+from supervisor_pkg.volume import free_bytes
 
 TROUBLESHOOTING = "docs/troubleshooting.md"
 
@@ -625,14 +626,6 @@ def _run(argv: Sequence[str]) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-def _free_bytes(path: str) -> int | None:
-    try:
-        stats = os.statvfs(path)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
 def _try_write(directory: str) -> OSError | None:
     """Create, fsync and delete a uniquely named file, as the store will (O_EXCL)."""
     try:
@@ -671,7 +664,7 @@ class Host:
 
     read: Callable[[str], str | None] = _read_text
     run: Callable[[Sequence[str]], tuple[int, str]] = _run
-    free_bytes: Callable[[str], int | None] = _free_bytes
+    free_bytes: Callable[[str], int | None] = free_bytes
     try_write: Callable[[str], OSError | None] = _try_write
     readlink: Callable[[str], str | None] = _readlink
     exists: Callable[[str], bool] = os.path.isdir

@@ -102,11 +102,12 @@ _READ_SIZE = 1 << 20
 # that verifying a big image uses every core (1.9x faster on 2 cores here)
 # instead of one sequential sha256 (~0.65 s per GiB).
 PAGE_CHUNK = 16 << 20
-ALL_CORES = min(8, max(2, len(os.sched_getaffinity(0))))  # the cores this container may use (a few)
+_CORES = min(8, len(os.sched_getaffinity(0)))  # the cores this container may use (a few)
+ALL_CORES = max(2, _CORES)
 # While CRIU restores, the pages are hashed on every core but one, which is left to CRIU: on 2 cores,
 # hashing on both made CRIU's restore of 1 GiB take 1.09-1.87 s instead of 0.75-0.86 s, and one core
 # (SHA-NI, ~1.7 GiB/s) still finishes before CRIU does (docs/performance.md).
-BESIDE_CRIU = max(1, min(8, len(os.sched_getaffinity(0))) - 1)
+BESIDE_CRIU = max(1, _CORES - 1)
 
 
 def is_page_image(name: str) -> bool:

@@ -119,6 +119,15 @@ def real_path(path: str) -> str:
     return base + (match[3] or "")
 
 
+def free_bytes(path: str) -> int | None:
+    """Bytes free to us on the filesystem holding `path`, or None if it cannot be asked."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
 def describe_kind(mode: int) -> str:
     """What an st_mode is, for a message: "a symlink", "a FIFO", ..."""
     kinds = (

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Assemble /opt/criu-supervisor: CRIU, a Python runtime, the supervisor, tini and every library they
-# load, so that the directory works copied into any glibc or musl x86-64 image (or one with nothing):
+# load, so that the directory works copied into any glibc x86-64 image (or one with nothing; musl untested):
 # its programs run through the bundle's own loader with the bundle's lib/ as library path (the shim,
 # bundle.py), so nothing of the app's image is loaded and nothing in the app's environment is changed.
 # Run in the bundle stage of images/base/Dockerfile, after the Debian packages are in.

@@ -7,6 +7,8 @@ tests/integration/test_drop_in.py; these are the decisions around it.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from supervisor_pkg import bundle, criu, launcher
+from supervisor_pkg.signals import HANDLED_SIGNALS
 
 
 def make_bundle(root: Path) -> Path:
@@ -96,3 +99,12 @@ def test_a_tmp_that_cannot_be_made_is_said_with_the_fix(tmp_path: Path) -> None:
     made, message = criu.ensure_tmp(str(tmp_path / "missing-parent" / "tmp")) or (None, "")
     assert made is False
     assert "every checkpoint will fail" in message and "--tmpfs" in message
+
+
+def test_the_shim_blocks_exactly_the_signals_the_supervisor_handles() -> None:
+    """shim.c keeps them pending until the handlers exist: a signal missing there would be lost at start-up."""
+    source = (Path(__file__).resolve().parents[2] / "images" / "base" / "shim.c").read_text()
+    listed = re.search(r"static const int handled\[\] = \{([^}]*)\}", source)
+    assert listed is not None, "shim.c no longer lists its blocked signals as `handled[]`"
+    in_shim = {getattr(signal, name.strip()) for name in listed.group(1).split(",")}
+    assert in_shim == set(HANDLED_SIGNALS)
